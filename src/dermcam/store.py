@@ -150,3 +150,21 @@ def store_lock(name: str = "store", *, shared: bool = False, timeout: float = 30
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def is_locked(name: str, root: Path | None = None) -> bool:
+    """True when another process holds ``name`` exclusively (e.g. ``run-<id>`` while that run trains)."""
+    lock_file = (root or home()) / "locks" / f"{name}.lock"
+    if not lock_file.exists():
+        return False
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
