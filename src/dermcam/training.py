@@ -1,0 +1,533 @@
+"""The training loop: transfer learning with an exact, crash-safe resume.
+
+Exactness comes from making every random choice a function of where training is, not of history:
+the epoch's image order is drawn from ``(seed, epoch)``, each batch's augmentation from
+``(seed, epoch, batch)``, and the learning rate is a pure function of the optimizer step. What little
+global state remains (optimizer moments, EMA, dropout RNG, early-stopping counters) is saved with
+every epoch checkpoint, tensors in safetensors and the rest in JSON. A run killed at any moment
+resumes from its last complete checkpoint and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermcam.errors import BadInputError
+from dermcam.progress import Progress
+
+MONITORS = ("val_balanced_accuracy", "val_macro_f1", "val_auc_macro", "val_recall_mel", "val_accuracy", "val_loss")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in run.json and every sidecar."""
+
+    dataset: str | None = None
+    backbone: str = "convnext_tiny"
+    pretrained: str = "auto"
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 3e-4
+    head_lr_scale: float = 10.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    balance: str = "loss"
+    augment: bool = True
+    image_size: int | None = None
+    accumulate: int = 1
+    ema: bool = False
+    ema_decay: float = 0.998
+    patience: int = 5
+    monitor: str = "val_balanced_accuracy"
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.accumulate >= 1, "--accumulate must be at least 1"),
+            (self.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
+            (self.monitor in MONITORS or self.monitor.startswith("val_recall_"),
+             f"--monitor must be one of {', '.join(MONITORS)} or val_recall_<class>"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (self.image_size is None or self.image_size >= 32, "--image-size must be at least 32"),
+            (0 < self.ema_decay < 1, "--ema-decay must be in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInputError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    config: TrainConfig
+    best_id: str | None
+    best_value: float | None
+    epochs_done: int
+    stopped_early: bool
+    test_metrics: dict[str, Any] | None
+    report_files: list[Path] = field(default_factory=list)
+    resumed_from: str | None = None
+    seconds: float = 0.0
+    pretrained: dict[str, Any] | None = None
+
+
+def monitor_mode(name: str) -> str:
+    return "min" if name.endswith("loss") else "max"
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, floor: float = 0.01) -> float:
+    """Linear warmup, then cosine decay to ``floor``: a pure function of the step (resume-exact)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(n: int, labels: np.ndarray, seed: int, epoch: int, balance: str, num_classes: int) -> np.ndarray:
+    """Positions into the train split for one epoch, drawn from (seed, epoch) alone."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    if balance == "sampler":
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        return torch.multinomial(weights, n, replacement=True, generator=gen).numpy()
+    return torch.randperm(n, generator=gen).numpy()
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse-frequency weights with mean 1 over samples: each class counts equally in the loss."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+class EMA:
+    """Exponential moving average of the model's weights (float tensors; buffers copied)."""
+
+    def __init__(self, model: Any, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                if value.dtype.is_floating_point:
+                    self.state[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+                else:
+                    self.state[key].copy_(value)
+
+
+def param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """Backbone at ``lr``, the new head at ``lr * head_lr_scale``; no weight decay on norms and biases."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = id(param) in head_ids
+        no_decay = param.ndim <= 1 or name.endswith(".bias")
+        groups.setdefault((is_head, no_decay), []).append(param)
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        base_lr = config.lr * (config.head_lr_scale if is_head else 1.0)
+        out.append({"params": params, "lr": base_lr, "base_lr": base_lr,
+                    "weight_decay": 0.0 if no_decay else config.weight_decay})
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()),
+                             "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One run: owns the model, optimizer and loop state; :meth:`fit` runs it to the end."""
+
+    def __init__(self, config: TrainConfig, *, root: Path | None = None, progress: Progress | None = None,
+                 resume: bool = False, run: str | None = None) -> None:
+        self.root = root
+        self.progress = progress or Progress()
+        self.resume = resume
+        self.run_ref = run
+        self.config = config
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _open_run(self) -> None:
+        from dermcam.checkpoints import create_run, find_run, latest_run, read_run, resume_point
+
+        self.resume_ckpt = None
+        if self.resume:
+            self.run_dir = find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)
+            info = read_run(self.run_dir)
+            self.config = TrainConfig.from_dict(info["config"])
+            self.resume_ckpt = resume_point(self.run_dir)
+        else:
+            self.config.validate()
+            self.run_dir = create_run(dataclasses.asdict(self.config), self.root)
+        self.run_id = self.run_dir.name
+
+    def _build(self) -> None:
+        import torch
+
+        from dermcam.data import load_prepared
+        from dermcam.evaluation import resolve_precision
+        from dermcam.models import build_model, create_model, data_config, select_device
+
+        cfg = self.config
+        self.data = load_prepared(cfg.dataset, self.root)
+        if cfg.dataset is None:
+            cfg.dataset = self.data.name
+        self.classes = list(self.data.classes)
+        self.device = select_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed)
+        if self.resume_ckpt is None:
+            self.model, self.pretrained = create_model(cfg.backbone, len(self.classes), cfg.pretrained,
+                                                       progress=self.progress)
+        else:
+            self.model = build_model(cfg.backbone, len(self.classes))
+            self.pretrained = self.resume_ckpt.sidecar.get("pretrained")
+        dc = data_config(self.model)
+        size = cfg.image_size or int(dc["input_size"][-1])
+        self.preprocessing = {"input_size": [3, size, size], "mean": list(dc["mean"]), "std": list(dc["std"]),
+                              "interpolation": "bilinear", "resize": "whole image (no crop)"}
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.train_rows, self.train_labels = self.data.split("train")
+        self.val_rows, self.val_labels = self.data.split("val")
+        if len(self.train_rows) == 0 or len(self.val_rows) == 0:
+            raise BadInputError(f"data set '{self.data.name}' has an empty train or val split; "
+                                "prepare it with more images")
+        weights = class_weights(self.train_labels, len(self.classes)) if cfg.balance == "loss" else None
+        self.loss_fn = torch.nn.CrossEntropyLoss(
+            weight=None if weights is None else torch.from_numpy(weights).to(self.device),
+            label_smoothing=cfg.label_smoothing)
+        n = len(self.train_rows)
+        self.batches_per_epoch = max(1, n // cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        # Loop state (overwritten on resume)
+        self.epoch = 0
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.bad_epochs = 0
+        self.stopped = False
+        self.history: list[dict[str, Any]] = []
+
+    def _restore(self) -> None:
+        from dermcam.checkpoints import join_state, read_metrics
+
+        ckpt = self.resume_ckpt
+        if ckpt is None:
+            return
+        if ckpt.sidecar.get("dataset", {}).get("fingerprint") != self.data.fingerprint:
+            raise BadInputError(f"data set '{self.data.name}' changed since run {self.run_id} started; "
+                                "resume needs the same data (start a new run instead)")
+        skeleton, tensors = ckpt.load_state()
+        state = join_state(skeleton, tensors)
+        model_state = state.get("model") or ckpt.load_weights()
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.state = {k: v.to(self.device) for k, v in state["ema"].items()}
+        _set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best = state.get("best")
+        self.bad_epochs = int(state["bad_epochs"])
+        self.stopped = bool(state["stopped"])
+        self.history = [h for h in read_metrics(self.run_dir) if h["epoch"] <= self.epoch]
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _set_lr(self) -> None:
+        mult = lr_multiplier(self.step, self.total_steps, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * mult
+
+    def _optimizer_step(self) -> None:
+        self._set_lr()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def train_one_epoch(self) -> float:
+        import torch
+
+        from dermcam.augment import augment, batch_generator, normalize, resize, to_float
+        from dermcam.evaluation import autocast
+
+        cfg = self.config
+        size = tuple(self.preprocessing["input_size"][-2:])
+        mean, std = self.preprocessing["mean"], self.preprocessing["std"]
+        order = epoch_order(len(self.train_rows), self.train_labels, cfg.seed, self.epoch, cfg.balance,
+                            len(self.classes))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, seen = 0.0, 0
+        self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
+        for b in range(self.batches_per_epoch):
+            picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            rows = self.train_rows[picks]
+            x = to_float(self.data.images[rows])
+            x = augment(x, size, batch_generator(cfg.seed, self.epoch, b)) if cfg.augment else resize(x, size)
+            x = normalize(x, mean, std).to(self.device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(self.train_labels[picks]).to(self.device)
+            with autocast(self.device, self.precision):
+                loss = self.loss_fn(self.model(x).float(), y)
+            self.scaler.scale(loss / cfg.accumulate).backward()
+            if (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch:
+                self._optimizer_step()
+            total_loss += float(loss.detach()) * len(picks)
+            seen += len(picks)
+            self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
+        self.progress.finish()
+        return total_loss / max(1, seen)
+
+    def eval_model(self) -> Any:
+        """The weights that are evaluated and saved: the EMA when enabled, else the live model."""
+        if self.ema is None:
+            return self.model
+        from dermcam.models import build_model
+
+        shadow = build_model(self.config.backbone, len(self.classes)).to(self.device)
+        shadow.load_state_dict(self.ema.state)
+        if self.config.channels_last:
+            import torch
+
+            shadow.to(memory_format=torch.channels_last)
+        return shadow
+
+    def validate(self) -> dict[str, Any]:
+        from dermcam.evaluation import predict
+        from dermcam.metrics import compute_metrics, cross_entropy
+
+        probs = predict(self.eval_model(), self.data.images, self.val_rows,
+                        input_size=self.preprocessing["input_size"], mean=self.preprocessing["mean"],
+                        std=self.preprocessing["std"], device=self.device, precision=self.precision,
+                        batch_size=max(32, self.config.batch_size), channels_last=self.config.channels_last,
+                        progress=self.progress, description="validate")
+        metrics = compute_metrics(self.val_labels, probs, self.classes)
+        metrics["loss"] = cross_entropy(self.val_labels, probs)
+        return metrics
+
+    def _monitor_value(self, metrics: dict[str, Any]) -> float:
+        key = self.config.monitor.removeprefix("val_")
+        value = metrics.get(key)
+        if value is None:
+            raise BadInputError(f"--monitor {self.config.monitor} is not available for classes {self.classes}")
+        return float(value)
+
+    def _save(self, metrics: dict[str, Any], train_loss: float) -> Any:
+        from dermcam.checkpoints import save_checkpoint
+        from dermcam.store import store_lock
+
+        cfg = self.config
+        value = self._monitor_value(metrics)
+        train_state = {
+            "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema": self.ema.state if self.ema is not None else None,
+            "model": self.model.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(), "best": self.best, "bad_epochs": self.bad_epochs, "stopped": self.stopped,
+        }
+        sidecar = {
+            "backbone": cfg.backbone, "classes": self.classes,
+            "label_encoding": {c: i for i, c in enumerate(self.classes)},
+            "preprocessing": self.preprocessing, "metrics": metrics, "train_loss": train_loss,
+            "monitor": {"name": cfg.monitor, "mode": monitor_mode(cfg.monitor), "value": value},
+            "config": dataclasses.asdict(cfg), "step": self.step,
+            "dataset": {"name": self.data.name, "fingerprint": self.data.fingerprint},
+            "pretrained": self.pretrained, "precision": self.precision, "device": self.device.type,
+        }
+        with store_lock("store", shared=True, root=self.root):
+            return save_checkpoint(self.run_dir, epoch=self.epoch, model_state=self.eval_model().state_dict(),
+                                   sidecar=sidecar, train_state=train_state)
+
+    def _record_epoch(self, metrics: dict[str, Any], train_loss: float, seconds: float) -> None:
+        from dermcam.checkpoints import append_metrics
+
+        record = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "seconds": round(seconds, 2),
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({f"val_{k}": v for k, v in metrics.items() if k != "confusion_matrix"})
+        self.history.append(record)
+        append_metrics(self.run_dir, record)
+
+    def _update_best(self, value: float) -> None:
+        improved = self.best is None or (value < self.best["value"] if monitor_mode(self.config.monitor) == "min"
+                                         else value > self.best["value"])
+        if improved:
+            self.best = {"epoch": self.epoch, "value": value, "id": f"{self.run_id}:{self.epoch}"}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            self.stopped = self.bad_epochs >= self.config.patience
+
+    def fit(self) -> TrainResult:
+        from dermcam.checkpoints import update_run
+        from dermcam.store import store_lock
+
+        started = time.monotonic()
+        self._open_run()
+        with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root):
+            self._build()
+            self._restore()
+            resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
+            if resumed_from:
+                self.epoch += 1
+                self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
+            update_run(self.run_dir, status="running", resume_from=None)
+            while self.epoch < self.config.epochs and not self.stopped:
+                t0 = time.monotonic()
+                train_loss = self.train_one_epoch()
+                metrics = self.validate()
+                self._update_best(self._monitor_value(metrics))
+                self._record_epoch(metrics, train_loss, time.monotonic() - t0)
+                self._save(metrics, train_loss)
+                self.progress.log(
+                    f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
+                    f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
+                    + (f"  mel recall {metrics['recall_mel']:.3f}" if "recall_mel" in metrics else ""))
+                self.epoch += 1
+            result = self._finish(resumed_from)
+        result.seconds = time.monotonic() - started
+        update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
+                   stopped_early=result.stopped_early)
+        return result
+
+    def _finish(self, resumed_from: str | None) -> TrainResult:
+        """Evaluate the run's best checkpoint on the test split and write the report."""
+        from dermcam.evaluation import evaluate
+        from dermcam.report import plot_curves
+
+        report_dir = self.run_dir / "report"
+        test_metrics, files = None, []
+        if self.best is not None:
+            result = evaluate(self.best["id"], split="test", device=self.config.device,
+                              precision=self.config.precision, out_dir=report_dir, root=self.root,
+                              progress=self.progress)
+            test_metrics, files = result.metrics, list(result.files)
+            if self.history:
+                files.append(plot_curves(self.history, report_dir / "curves.png", title=f"run {self.run_id}"))
+        epochs_done = self.history[-1]["epoch"] + 1 if self.history else 0
+        return TrainResult(
+            run_id=self.run_id, run_dir=self.run_dir, config=self.config,
+            best_id=self.best["id"] if self.best else None, best_value=self.best["value"] if self.best else None,
+            epochs_done=epochs_done, stopped_early=self.stopped and epochs_done < self.config.epochs,
+            test_metrics=test_metrics, report_files=files, resumed_from=resumed_from, pretrained=self.pretrained)
+
+
+def train(config: TrainConfig, *, resume: bool = False, run: str | None = None, root: Path | None = None,
+          progress: Progress | None = None) -> TrainResult:
+    """Train one configuration (or resume a run) to the end; see :class:`Trainer`."""
+    return Trainer(config, root=root, progress=progress, resume=resume, run=run).fit()
+
+
+def expand_grid(base: TrainConfig, **choices: list[Any]) -> list[TrainConfig]:
+    """Every combination of the repeatable options (``--backbone a --backbone b --lr 1e-4 --lr 3e-4``)."""
+    import itertools
+
+    keys = [k for k, v in choices.items() if v]
+    combos = itertools.product(*(choices[k] for k in keys)) if keys else [()]
+    return [dataclasses.replace(base, **dict(zip(keys, values))) for values in combos]
+
+
+def load_experiments(path: Path, base: TrainConfig) -> list[TrainConfig]:
+    """Configurations from a TOML file: top-level keys are shared, each ``[[run]]`` table one run."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise BadInputError("TOML experiment files need Python 3.11 or newer") from None
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"no such experiments file: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid TOML ({exc})") from None
+    runs = data.pop("run", [{}])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise BadInputError(f"{path}: 'run' must be an array of tables ([[run]])")
+    shared = {**dataclasses.asdict(base), **data}
+    configs = [TrainConfig.from_dict({**shared, **run}) for run in runs]
+    for cfg in configs:
+        cfg.validate()
+    return configs
+
+
+def train_many(configs: list[TrainConfig], *, root: Path | None = None,
+               progress: Progress | None = None) -> list[TrainResult]:
+    """Each configuration becomes a run; compare them with :func:`best_result`."""
+    return [train(cfg, root=root, progress=progress) for cfg in configs]
+
+
+def best_result(results: list[TrainResult]) -> TrainResult | None:
+    scored = [r for r in results if r.best_value is not None]
+    if not scored:
+        return None
+    sign = -1 if monitor_mode(scored[0].config.monitor) == "min" else 1
+    return max(scored, key=lambda r: sign * r.best_value)

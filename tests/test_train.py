@@ -1,0 +1,238 @@
+"""`dermcam train` / `dermcam evaluate` through the CLI on a tiny synthetic data set and tiny timm models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermcam.cli import app
+
+TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "48", "--batch-size", "16",
+        "--data", "synth"]
+
+
+@pytest.fixture(scope="session")
+def prepared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding one prepared synthetic data set, built once and copied into each test's home."""
+    from dermcam.data import prepare
+    from dermcam.synthetic import write_synthetic_ham10000
+
+    base = tmp_path_factory.mktemp("prepared")
+    src = write_synthetic_ham10000(base / "synth", n_lesions_per_class=12, images_per_lesion=(1, 2), seed=1)
+    store = base / "store"
+    prepare(src, name="synth", cache_size=(64, 48), root=store)
+    return store
+
+
+@pytest.fixture
+def home(prepared_store: Path, dermcam_home: Path) -> Path:
+    shutil.copytree(prepared_store / "datasets", dermcam_home / "datasets")
+    return dermcam_home
+
+
+def run_json(runner, args: list[str]) -> object:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def weights_of(run_dir: Path, epoch: int) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / f"epoch-{epoch:04d}.safetensors"))
+
+
+def test_train_writes_checkpoints_metrics_and_report(runner, home: Path) -> None:
+    [result] = run_json(runner, ["train", *TINY, "--epochs", "2", "--json"])
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent == home / "runs"
+    for epoch in (0, 1):
+        sidecar = json.loads((run_dir / f"epoch-{epoch:04d}.json").read_text())
+        assert sidecar["schema"] == "dermcam.checkpoint/1"
+        assert sidecar["id"] == f"{result['run_id']}:{epoch}"
+        assert sidecar["classes"] == ["bkl", "mel", "nv"]
+        assert sidecar["label_encoding"] == {"bkl": 0, "mel": 1, "nv": 2}
+        assert sidecar["preprocessing"]["input_size"] == [3, 48, 48]
+        assert sidecar["dataset"]["name"] == "synth" and sidecar["dataset"]["fingerprint"]
+        assert set(sidecar["versions"]) == {"dermcam", "torch", "timm"}
+        assert sidecar["config"]["backbone"] == "test_efficientnet"
+        for key in ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro", "loss"):
+            assert key in sidecar["metrics"]
+        from dermcam.checkpoints import sha256_file
+
+        assert sha256_file(run_dir / sidecar["weights"]["file"]) == sidecar["weights"]["sha256"]
+        assert (run_dir / sidecar["state"]["file"]).is_file()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    for name in ("metrics.json", "confusion_matrix.png", "curves.png"):
+        assert (run_dir / "report" / name).stat().st_size > 0
+    test = result["test_metrics"]
+    assert 0.0 <= test["balanced_accuracy"] <= 1.0
+    assert np.asarray(test["confusion_matrix"]).sum() == test["n"] > 0
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch) -> None:
+    from dermcam import training
+
+    args = ["train", *TINY, "--epochs", "3", "--json"]
+    [straight] = run_json(runner, args)
+
+    original_save = training.Trainer._save
+
+    def save_then_die(self, *a, **kw):
+        out = original_save(self, *a, **kw)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(training.Trainer, "_save", save_then_die)
+    interrupted = runner.invoke(app, args)
+    assert interrupted.exit_code == 130
+    monkeypatch.setattr(training.Trainer, "_save", original_save)
+    run_id = next(p.name for p in (home / "runs").iterdir() if p.name != straight["run_id"])
+    [resumed] = run_json(runner, ["train", "--resume", "--run", run_id, "--json"])
+    assert resumed["resumed_from"] == f"{run_id}:1"
+    a = weights_of(Path(straight["run_dir"]), 2)
+    b = weights_of(Path(resumed["run_dir"]), 2)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert resumed["test_metrics"] == straight["test_metrics"]
+
+
+def test_resume_of_finished_run_does_nothing_more(runner, home: Path) -> None:
+    [first] = run_json(runner, ["train", *TINY, "--epochs", "1", "--json"])
+    [again] = run_json(runner, ["train", "--resume", "--json"])
+    assert again["run_id"] == first["run_id"]
+    assert again["epochs_done"] == 1
+    assert not (Path(first["run_dir"]) / "epoch-0001.json").exists()
+
+
+def test_sigkill_during_training_never_breaks_the_store(home: Path, tmp_path: Path) -> None:
+    """Kill a real training process at random moments, repeatedly; the store stays readable and resumable."""
+    from dermcam.checkpoints import list_checkpoints, list_runs, sha256_file
+
+    env = {**os.environ, "DERMCAM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "dermcam", "train", *TINY, "--epochs", "6", "--patience", "99"]
+    rng = np.random.default_rng(0)
+    for attempt in range(4):
+        argv = cmd if attempt == 0 else [sys.executable, "-m", "dermcam", "train", "--resume"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait until this attempt has written at least one more checkpoint file, then kill at a random moment.
+        before = len(list((home / "runs").rglob("epoch-*"))) if (home / "runs").exists() else 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (home / "runs").exists() and len(list((home / "runs").rglob("epoch-*"))) > before:
+                break
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 0.6)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for ckpt in list_checkpoints():
+            assert sha256_file(ckpt.weights_path) == ckpt.sidecar["weights"]["sha256"]
+            assert sha256_file(ckpt.state_path) == ckpt.sidecar["state"]["sha256"]
+    final = subprocess.run([sys.executable, "-m", "dermcam", "train", "--resume", "--json"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    [result] = json.loads(final.stdout)
+    assert result["epochs_done"] == 6
+    assert len(list_runs()) == 1
+    assert [c.epoch for c in list_checkpoints()] == list(range(6))
+
+
+def test_damaged_weights_are_detected(runner, home: Path) -> None:
+    [result] = run_json(runner, ["train", *TINY, "--epochs", "1", "--json"])
+    weights = Path(result["run_dir"]) / "epoch-0000.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    out = runner.invoke(app, ["evaluate", result["best_checkpoint"]])
+    assert out.exit_code == 4
+    assert "sha256" in out.output and "Traceback" not in out.output
+
+
+def test_checkpoint_without_valid_sidecar_is_ignored_and_resume_uses_the_previous(runner, home: Path) -> None:
+    from dermcam.checkpoints import list_checkpoints, resume_point
+
+    [result] = run_json(runner, ["train", *TINY, "--epochs", "2", "--json"])
+    run_dir = Path(result["run_dir"])
+    (run_dir / "epoch-0001.json").write_text("{ truncated")
+    assert [c.epoch for c in list_checkpoints()] == [0]
+    assert resume_point(run_dir).epoch == 0
+
+
+def test_experiments_compare_runs_and_mark_the_best(runner, home: Path) -> None:
+    results = run_json(runner, ["train", *TINY, "--epochs", "1", "--lr", "1e-3", "--lr", "3e-3", "--json"])
+    assert len(results) == 2
+    assert {r["config"]["lr"] for r in results} == {1e-3, 3e-3}
+    assert sum(r["is_best"] for r in results) == 1
+    table = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--seed", "1", "--seed", "2"])
+    assert table.exit_code == 0, table.output
+    assert "Comparison" in table.stdout and "*" in table.stdout
+
+
+def test_experiments_from_toml(runner, home: Path, tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text('epochs = 1\nbackbone = "test_efficientnet"\npretrained = "none"\nimage_size = 48\n'
+                      'batch_size = 16\ndataset = "synth"\n[[run]]\nlr = 1e-3\n[[run]]\nlr = 2e-3\nlabel_smoothing = 0.0\n')
+    results = run_json(runner, ["train", "--config", str(config), "--json"])
+    assert [r["config"]["lr"] for r in results] == [1e-3, 2e-3]
+    assert results[1]["config"]["label_smoothing"] == 0.0
+
+
+def test_evaluate_writes_report(runner, home: Path, tmp_path: Path) -> None:
+    run_json(runner, ["train", *TINY, "--epochs", "1", "--json"])
+    out = run_json(runner, ["evaluate", "--split", "val", "--tta", "--out", str(tmp_path / "rep"), "--json"])
+    assert out["split"] == "val" and out["metrics"]["tta"] is True
+    assert (tmp_path / "rep" / "confusion_matrix.png").is_file()
+    human = runner.invoke(app, ["evaluate"])
+    assert human.exit_code == 0 and "balanced accuracy" in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["train", "--data", "nope", "--pretrained", "none"], 3, "nope"),
+        (["train", *TINY, "--balance", "weird"], 2, "--balance"),
+        (["train", *TINY, "--epochs", "0"], 2, "--epochs"),
+        (["train", "--resume"], 3, "no training runs"),
+        (["evaluate"], 3, "no checkpoints"),
+        (["train", "--config", "missing.toml"], 2, "missing.toml"),
+    ],
+)
+def test_bad_input_gives_one_line_error(runner, home: Path, args: list[str], code: int, words: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_metrics_do_not_reward_always_nv() -> None:
+    from dermcam.metrics import compute_metrics
+
+    y = np.array([0] * 10 + [1] * 10 + [2] * 80)
+    always_nv = np.tile([0.0, 0.0, 1.0], (100, 1))
+    m = compute_metrics(y, always_nv, ["bkl", "mel", "nv"])
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert m["recall_mel"] == 0.0
+    assert m["auc_mel"] == pytest.approx(0.5)
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    from dermcam.training import lr_multiplier
+
+    values = [lr_multiplier(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] < 0.05
