@@ -330,3 +330,15 @@ def test_unknown_method_and_bad_inputs_are_one_line_errors() -> None:
         model.unused = nn.Conv2d(3, 3, 1)
         GradCAM(model, "unused")(torch.randn(1, 3, 32, 32))
     assert _no_hooks(model)
+
+
+@pytest.mark.parametrize(("name", "layer", "size"),
+                         [("test_efficientnet", "bn2", 64), ("test_vit", "blocks.5.norm1", 160)])
+def test_default_layer_and_reshape_transform_come_from_the_model(name: str, layer: str, size: int) -> None:
+    model = _model(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(6))
+    result = compute_cam(model, x, "gradcam++")
+    assert result.layer == layer and result.maps.shape == (1, size, size)
+    if name == "test_vit":
+        np.testing.assert_allclose(result.maps, METHODS["gradcam++"](model, layer, _vit_tokens_to_map)(x).maps,
+                                   atol=1e-6)

@@ -352,27 +352,24 @@ def make_cam(model: torch.nn.Module, method: str, target_layer: str,
     return cls(model, target_layer, reshape_transform)
 
 
-def default_layer(model: torch.nn.Module) -> tuple[str, ReshapeTransform | None]:
-    """The layer to explain when none is given, and the reshape transform it needs."""
-    from dermcam.models import find_target_layer, reshape_transform_for
-
-    return find_target_layer(model), reshape_transform_for(model)
-
-
 def compute_cam(model: torch.nn.Module, x: torch.Tensor, method: str = "gradcam",
                 target_layer: str | None = None, target: Target = None, tta: bool = False,
                 reshape_transform: ReshapeTransform | None = None) -> CAMResult:
     """Maps for ``x`` (B, 3, H, W) with one of :data:`METHODS`.
 
-    ``target_layer`` defaults to :func:`dermcam.models.find_target_layer` (with its reshape
-    transform). ``tta`` averages probabilities and maps over the four flips (none, horizontal,
+    ``target_layer`` defaults to :func:`dermcam.models.find_target_layer`; ``reshape_transform`` to
+    :func:`dermcam.models.reshape_transform_for` (token-to-map folding for ViT/Swin, None for CNNs),
+    also when a layer is named, since a transformer's blocks all emit tokens. ``tta`` averages probabilities and maps over the four flips (none, horizontal,
     vertical, both; each map flipped back before averaging, then min-max scaled again): the
     explained class is the argmax of the averaged probabilities, so all four maps explain the same
     class. It costs four times the compute.
     """
+    from dermcam.models import find_target_layer, reshape_transform_for
+
     if target_layer is None:
-        target_layer, default_transform = default_layer(model)
-        reshape_transform = reshape_transform or default_transform
+        target_layer = find_target_layer(model)
+    if reshape_transform is None:
+        reshape_transform = reshape_transform_for(model)
     cam = make_cam(model, method, target_layer, reshape_transform)
     if not tta:
         return cam(x, target)
