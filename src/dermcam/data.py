@@ -252,8 +252,8 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
-    if len(size) != 2 or not all(16 <= int(s) <= 4096 for s in size):
-        raise BadInputError(f"cache size {size} must be WIDTH x HEIGHT, each between 16 and 4096 pixels")
+    if len(size) != 2 or not all(8 <= int(s) <= 4096 for s in size):
+        raise BadInputError(f"cache size {'x'.join(map(str, size))} must be WIDTHxHEIGHT, each 8 to 4096 pixels")
     return int(size[0]), int(size[1])
 
 
@@ -685,7 +685,7 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
         shutil.rmtree(build, ignore_errors=True)
         raise
     return PrepareReport(name=name, path=target, manifest=manifest, up_to_date=False, reused=n_reused,
-                         decoded=len(ok) - n_reused, excluded=excluded, capped=capped,
+                         decoded=int(ok.sum()) - n_reused, excluded=excluded, capped=capped,
                          seconds=time.monotonic() - started, problems=problems)
 
 
