@@ -1,0 +1,284 @@
+"""``dermcam ckpt``: list, prune, export, restore and verify checkpoints (logic in dermcam.ckpt/export)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from dermcam.cli._common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.errors import BadInputError, ExitCode
+
+ckpt_app = typer.Typer(
+    help=(
+        "Manage checkpoints: list, prune, export, restore, verify.\n\n"
+        "A checkpoint is named RUN:EPOCH (3fa9c1:7); every command also accepts a run id or prefix "
+        "(its best checkpoint), a sha256 prefix, 'best', 'latest' or a path."
+    ),
+    no_args_is_help=True,
+)
+
+_SHORT = {"balanced_accuracy": "bal.acc", "macro_f1": "F1", "auc_macro": "AUC", "accuracy": "acc",
+          "loss": "loss"}
+
+
+def human_bytes(n: float) -> str:
+    """Three significant digits: 420 KB, 21.3 MB, 1.05 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 999.5 or unit == "GB":
+            return f"{n:.3g} {unit}" if n >= 1 else f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _monitor_cell(monitor: dict[str, Any]) -> str:
+    name = str(monitor.get("name") or "").removeprefix("val_")
+    short = _SHORT.get(name) or (f"{name.removeprefix('recall_')} rec." if name.startswith("recall_") else name)
+    return f"{_metric(monitor.get('value'))} {short}".strip() if monitor else "-"
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+@ckpt_app.command("list")
+@handle_errors
+def list_cmd(
+    run: Optional[str] = typer.Option(None, "--run", help="Only this run (id or unique prefix)."),
+    sort: Optional[str] = typer.Option(None, "--sort", metavar="METRIC",
+                                       help="Sort best first by a validation metric (balanced_accuracy, macro_f1, "
+                                            "recall_mel, auc_macro, loss, ...), 'monitor', or epoch/age/size."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List every checkpoint with its metrics, size, age and flags.
+
+    Flags: best (what 'best' resolves to), run-best, latest (where 'train --resume' continues),
+    exported, imported, training (its run is training now).
+    """
+    from dermcam.ckpt import list_checkpoint_rows
+    from dermcam.store import runs_dir
+
+    rows = list_checkpoint_rows(run=run, sort=sort)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"No checkpoints in {runs_dir()}; train one with: dermcam train")
+        return
+    metric_keys = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
+    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in metric_keys for r in rows)
+    table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
+                  caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
+    table.add_column("ID", no_wrap=True)
+    table.add_column("Backbone / data", overflow="fold", min_width=10)
+    if extra_monitor:
+        table.add_column("Monitored", justify="right", min_width=5)
+    for header in ("Bal.acc", "F1", "Mel rec", "AUC"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("Size", justify="right", no_wrap=True)
+    table.add_column("Age", justify="right", no_wrap=True)
+    table.add_column("Flags", min_width=8)
+    for row in rows:
+        monitored = str(row["monitor"].get("name", "")).removeprefix("val_")
+        cells = [f"[bold]{_metric(row['metrics'].get(k))}[/]" if k == monitored else _metric(row["metrics"].get(k))
+                 for k in metric_keys]
+        flags = " ".join(f"[bold green]{f}[/]" if f == "best" else f for f in row["flags"])
+        table.add_row(row["id"], f"{row['backbone']}\n[dim]{row['dataset'] or '-'}[/]",
+                      *([_monitor_cell(row["monitor"])] if extra_monitor else []), *cells,
+                      human_bytes(row["size"]), human_age(row["age_seconds"]), flags)
+    console.print(table)
+
+
+def _render_prune(result: dict[str, Any], out: Any = console) -> None:
+    verb = "Would remove" if result["dry_run"] else "Removed"
+    if not result["removed"]:
+        out.print("Nothing to remove: every checkpoint is protected by a keep rule.")
+    else:
+        table = Table(title=f"{verb} {len(result['removed'])} checkpoint(s)", title_justify="left")
+        for name in ("ID", "Monitored", "Size"):
+            table.add_column(name)
+        for row in result["removed"]:
+            table.add_row(row["id"], _monitor_cell(row["monitor"]), human_bytes(row["bytes"]))
+        out.print(table)
+    kept = ", ".join(f"{k['id']} ({'+'.join(dict.fromkeys(k['reasons']))})" for k in result["kept"])
+    out.print(f"Kept {len(result['kept'])}: {kept or 'none'}")
+    if result["active_runs"]:
+        out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
+    freed = human_bytes(result["bytes_freed"])
+    out.print(f"{'Would free' if result['dry_run'] else 'Freed'} {freed}."
+              + (" Nothing was changed (dry run)." if result["dry_run"] else ""))
+
+
+@ckpt_app.command("prune")
+@handle_errors
+def prune_cmd(
+    keep_best: int = typer.Option(..., "--keep-best", min=0, metavar="N",
+                                  help="Keep the N best by the monitored metric (per run; overall with --global)."),
+    keep_last: int = typer.Option(0, "--keep-last", min=0, metavar="M", help="Also keep each run's last M epochs."),
+    run: Optional[str] = typer.Option(None, "--run", help="Only prune this run."),
+    global_rank: bool = typer.Option(False, "--global", help="Rank all runs together (they must monitor the same metric)."),
+    keep_latest: bool = typer.Option(True, "--keep-latest/--no-keep-latest",
+                                     help="Keep each run's resume point (default). Runs training right now keep "
+                                          "their latest and best regardless."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete checkpoints that no keep rule protects (weights, training state and sidecar).
+
+    Kept: the N best by each sidecar's monitored metric, each run's resume point, its last M epochs.
+    Asks before deleting when run from a terminal, unless --yes.
+    """
+    from dermcam.ckpt import prune
+
+    options = dict(keep_best=keep_best, keep_last=keep_last, run=run, global_rank=global_rank, keep_latest=keep_latest)
+    only = None
+    if not dry_run and not yes and _interactive():
+        preview = prune(dry_run=True, **options)
+        _render_prune(preview, err_console if as_json else console)
+        if not preview["removed"]:
+            return
+        if not typer.confirm(f"Delete these {len(preview['removed'])} checkpoint(s)?", default=False, err=True):
+            err_console.print("Nothing deleted.")
+            raise typer.Exit(int(ExitCode.OK))
+        only = {r["id"] for r in preview["removed"]}
+    result = prune(dry_run=dry_run, only=only, **options)
+    if as_json:
+        print_json(result)
+    else:
+        _render_prune(result)
+
+
+@ckpt_app.command("export")
+@handle_errors
+def export_cmd(
+    ckpt: str = typer.Argument("best", metavar="CKPT", help="Checkpoint to export (RUN:EPOCH, run, sha prefix, best, latest)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="File (or folder) to write; default ./dermcam-<backbone>-<run>-e<epoch>.safetensors"),
+    half: bool = typer.Option(False, "--half", help="Store float16 weights (half the size)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size, float32's range)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Write one self-contained .safetensors file for inference anywhere (loads with plain timm too).
+
+    Its header holds backbone, classes, preprocessing, metrics, training config, versions and the source
+    checkpoint's id and sha256 (JSON under the "dermcam" metadata key, schema dermcam.export/1).
+    """
+    from dermcam.export import export_checkpoint
+
+    if half and bf16:
+        raise BadInputError("choose one of --half and --bf16")
+    dtype = "float16" if half else "bfloat16" if bf16 else "float32"
+    result = export_checkpoint(ckpt, output, dtype=dtype, force=force)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"Exported {result['id']} ({result['backbone']}, {result['dtype']}) to {result['file']}\n"
+                  f"  {human_bytes(result['size'])} (checkpoint weights: {human_bytes(result['source_size'])}), "
+                  f"sha256 {result['file_sha256'][:16]}...\n"
+                  f"  Use it with: dermcam explain IMAGE --model {result['file']}  "
+                  f"or import it elsewhere with: dermcam ckpt restore FILE", highlight=False, soft_wrap=True)
+
+
+@ckpt_app.command("restore")
+@handle_errors
+def restore_cmd(
+    target: str = typer.Argument(..., metavar="FILE|CKPT", help="An exported .safetensors file, or a checkpoint."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Import an exported FILE into the store, or roll a run back to CKPT.
+
+    FILE (written by 'dermcam ckpt export', here or on another machine): it is validated completely,
+    then copied into the store as a new run marked 'imported'. It lists, explains and evaluates like any
+    checkpoint and can start a new training run, but has no training state, so it cannot be resumed.
+    A bad file is refused with one line and the store is left untouched.
+
+    CKPT (an existing checkpoint): becomes the point 'dermcam train --resume' continues from. Nothing is
+    deleted: the run's later checkpoints stay until training writes those epochs again (or prune removes them).
+    """
+    from dermcam.ckpt import is_exported_file, restore, rollback_plan
+
+    if not is_exported_file(target) and not yes and _interactive():
+        plan = rollback_plan(target)
+        if plan["later"]:
+            err_console.print(f"Run {plan['run_id']} will resume after epoch {plan['epoch']}; its later "
+                              f"checkpoints ({', '.join(plan['later'])}) stay until training overwrites them.")
+            if not typer.confirm(f"Make {plan['id']} the resume point?", default=False, err=True):
+                err_console.print("Nothing changed.")
+                raise typer.Exit(int(ExitCode.OK))
+    result = restore(target)
+    if as_json:
+        print_json(result)
+    elif result["action"] == "import" and not result["created"]:
+        console.print(f"{result['file']} is already in the store as {result['id']}; nothing imported.")
+    elif result["action"] == "import":
+        console.print(f"Imported {result['file']} as checkpoint [bold]{result['id']}[/] ({result['backbone']}; "
+                      f"exported from {result['source_id']}). Not resumable: no training state.", highlight=False)
+    else:
+        later = (f" Later checkpoints ({', '.join(result['later'])}) stay until training overwrites them."
+                 if result["later"] else "")
+        console.print(f"Run {result['run_id']} now resumes from [bold]{result['id']}[/] (was "
+                      f"{result['previous'] or 'none'}): dermcam train --resume {result['run_id']}.{later}",
+                      highlight=False)
+
+
+@ckpt_app.command("verify")
+@handle_errors
+def verify_cmd(
+    clean: bool = typer.Option(False, "--clean", help="Delete leftovers of interrupted writes (never a complete checkpoint)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Re-hash every checkpoint file and check every sidecar.
+
+    Reports damaged checkpoints (hash or size mismatch, unreadable or missing files; exit code 4) and
+    incomplete ones (weights without a sidecar, temporaries), which --clean deletes.
+    """
+    from dermcam.ckpt import verify_store
+    from dermcam.progress import rich_progress
+
+    with rich_progress(enabled=not as_json) as progress:
+        report = verify_store(clean=clean, progress=progress)
+    if as_json:
+        print_json(report)
+    else:
+        _render_verify(report, clean)
+    if report["damaged"]:
+        raise typer.Exit(int(ExitCode.CORRUPT))
+
+
+def _render_verify(report: dict[str, Any], clean: bool) -> None:
+    console.print(f"Checked {report['checked']} checkpoint(s): {len(report['ok'])} intact, "
+                  f"{len(report['damaged'])} damaged, {len(report['incomplete'])} incomplete file(s).")
+    for item in report["damaged"]:
+        console.print(f"[red]damaged[/] {item['problem']}", highlight=False, soft_wrap=True)
+    for item in report["incomplete"]:
+        state = "removed" if item["cleaned"] else item["note"] or "leftover of an interrupted write"
+        console.print(f"[yellow]incomplete[/] {item['path']} ({human_bytes(item['bytes'])}): {state}",
+                      highlight=False, soft_wrap=True)
+    if clean and report["cleaned_bytes"]:
+        console.print(f"Freed {human_bytes(report['cleaned_bytes'])}.")
+    elif report["incomplete"] and not clean:
+        console.print("Remove the leftovers with: dermcam ckpt verify --clean")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ckpt_app, name="ckpt")
