@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermcam.checkpoints import (Checkpoint, resolve, save_tensors, sha256_file, utc_now, versions)
-from dermcam.errors import BadInputError, CorruptError, NotFoundError
+from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
 from dermcam.store import atomic_write_json, read_json, store_lock
 
 if TYPE_CHECKING:
@@ -200,8 +200,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise BadInputError(f"{path} is not a safetensors file (only {size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES:
-            raise BadInputError(f"{path}: header of {header_len} bytes is over the {MAX_HEADER_BYTES}-byte "
-                                "limit (not a dermcam export)")
+            raise BadInputError(f"{path} is not a dermcam export: its header claims {header_len} bytes, over "
+                                f"the {MAX_HEADER_BYTES}-byte limit")
         if header_len + 8 > size:
             raise BadInputError(f"{path} is not a safetensors file, or it is truncated (header runs past "
                                 "the end of the file)")
@@ -226,7 +226,19 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads(text)
     except (ValueError, RecursionError):
         raise CorruptError(f"{path}: its dermcam metadata is not valid JSON (damaged or modified)") from None
-    return header, _check_meta(path, meta)
+    meta = _check_meta(path, meta)
+    _check_length(path, header, size - 8 - header_len)
+    return header, meta
+
+
+def _check_length(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """A file cut short (an interrupted copy or download) is reported as such, not as a parse error."""
+    ends = [e["data_offsets"][1] for e in header.values()
+            if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+            and isinstance(e["data_offsets"][1], int)]
+    if ends and max(ends) > data_bytes:
+        raise CorruptError(f"{path} is truncated: {max(ends) - data_bytes} bytes of weights are missing "
+                           "(an interrupted copy or download?)")
 
 
 def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
@@ -251,7 +263,7 @@ def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
     size = pre.get("input_size")
     if (not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                  and 0 < v <= 4096 for v in size)):
-        raise bad("preprocessing.input_size", "is not [channels, height, width]")
+        raise bad("preprocessing.input_size", "is not three sizes (channels, height, width)")
     for key in ("mean", "std"):
         values = pre.get(key)
         if (not isinstance(values, list) or len(values) != 3
@@ -299,13 +311,16 @@ def _safetensors_code(tensor: torch.Tensor) -> str:
     return {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(tensor.dtype, "?")
 
 
-def _reference_model(backbone: str, num_classes: int) -> torch.nn.Module:
+def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Module:
+    """The network the file claims to hold, built empty, to check the tensors against."""
     from dermcam.models import build_model
 
     try:
         return build_model(backbone, num_classes)
+    except DermcamError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise BadInputError(f"backbone '{backbone}' cannot be built here ({str(exc).splitlines()[0]}); "
+        raise BadInputError(f"{path}: backbone '{backbone}' cannot be built here ({str(exc).splitlines()[0]}); "
                             "a newer timm may be needed") from None
 
 
@@ -320,7 +335,7 @@ def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
 
     path = Path(path)
     header, meta = read_header(path)
-    model = _reference_model(meta["backbone"], len(meta["classes"]))
+    model = _reference_model(path, meta["backbone"], len(meta["classes"]))
     _check_tensors(path, header, model.state_dict(), meta["backbone"])
     try:
         tensors = load_file(str(path))

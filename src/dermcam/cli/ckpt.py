@@ -69,8 +69,8 @@ def list_cmd(
 ) -> None:
     """List every checkpoint with its metrics, size, age and flags.
 
-    Flags: best (what 'best' resolves to), run-best, latest (where 'train --resume' continues),
-    exported, imported, training (its run is training now).
+    Flags: best (what 'best' resolves to), run-best (best of its run), latest (its run's resume point),
+    exported, imported, training (its run is training right now).
     """
     from dermcam.ckpt import list_checkpoint_rows
     from dermcam.store import runs_dir
@@ -143,7 +143,8 @@ def prune_cmd(
 ) -> None:
     """Delete checkpoints that no keep rule protects (weights, training state and sidecar).
 
-    Kept: the N best by each sidecar's monitored metric, each run's resume point, its last M epochs.
+    Kept: the N best by the monitored metric in their sidecars, each run's resume point, its last M.
+    A run that is training right now always keeps its latest and its best checkpoint.
     Asks before deleting when run from a terminal, unless --yes.
     """
     from dermcam.ckpt import prune
@@ -179,8 +180,8 @@ def export_cmd(
 ) -> None:
     """Write one self-contained .safetensors file for inference anywhere (loads with plain timm too).
 
-    Its header holds backbone, classes, preprocessing, metrics, training config, versions and the source
-    checkpoint's id and sha256 (JSON under the "dermcam" metadata key, schema dermcam.export/1).
+    Its header holds backbone, classes, preprocessing, metrics, training config and versions,
+    plus the source checkpoint's id and sha256 (JSON under the "dermcam" metadata key).
     """
     from dermcam.export import export_checkpoint
 
@@ -207,13 +208,14 @@ def restore_cmd(
 ) -> None:
     """Import an exported FILE into the store, or roll a run back to CKPT.
 
-    FILE (written by 'dermcam ckpt export', here or on another machine): it is validated completely,
-    then copied into the store as a new run marked 'imported'. It lists, explains and evaluates like any
-    checkpoint and can start a new training run, but has no training state, so it cannot be resumed.
-    A bad file is refused with one line and the store is left untouched.
+    FILE: a file written by 'dermcam ckpt export' (on this machine or another one).
+    It is validated completely, then copied into the store as a new run marked 'imported'.
+    It lists, explains and evaluates like any checkpoint, and its weights file can start a new run
+    (dermcam train --pretrained PATH), but it has no training state, so it cannot be resumed.
+    A bad file is refused with a one-line error and the store is left untouched.
 
-    CKPT (an existing checkpoint): becomes the point 'dermcam train --resume' continues from. Nothing is
-    deleted: the run's later checkpoints stay until training writes those epochs again (or prune removes them).
+    CKPT: an existing checkpoint becomes the point 'dermcam train --resume' continues from.
+    Nothing is deleted: the run's later checkpoints stay until training writes those epochs again.
     """
     from dermcam.ckpt import is_exported_file, restore, rollback_plan
 
@@ -249,8 +251,8 @@ def verify_cmd(
 ) -> None:
     """Re-hash every checkpoint file and check every sidecar.
 
-    Reports damaged checkpoints (hash or size mismatch, unreadable or missing files; exit code 4) and
-    incomplete ones (weights without a sidecar, temporaries), which --clean deletes.
+    Damaged: a hash or size mismatch, an unreadable sidecar, a missing file (exit code 4).
+    Incomplete: weights without a sidecar and temporaries of interrupted writes (--clean deletes them).
     """
     from dermcam.ckpt import verify_store
     from dermcam.progress import rich_progress
