@@ -2,7 +2,7 @@
 
 Built on :func:`dermcam.synthetic.write_synthetic_ham10000` (real JPEGs, Kaggle layout). The clean
 set is written once per session and copied per test, so every test may damage its own copy.
-Import the fixtures into a test module with ``from fixtures_ham import ham_src, synthetic_master``.
+Use them from a test module with ``pytest_plugins = ["fixtures_ham"]``.
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_ham import ham_src, synthetic_master  # noqa: F401
 
 from dermcam.cli import app
 from dermcam.data import list_prepared, load_prepared, prepare
 from dermcam.errors import CorruptError, NotFoundError
+
+pytest_plugins = ["fixtures_ham"]  # ham_src, synthetic_master
 
 
 def prepared(src: Path, name: str) -> Path:

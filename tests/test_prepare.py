@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_ham import (BAD_KINDS, CONVERTED, add_bad_inputs, break_csv, ham_src, image_path,  # noqa: F401
-                          read_csv, synthetic_master)
 from PIL import Image
 
 from dermcam.cli import app
 from dermcam.data import decode_image, leakage_audit, split_by_lesion
+
+# fixtures_ham is both a plugin (its fixtures, below) and a helper module: registering it before the
+# import keeps pytest from warning that the plugin was imported too early.
+pytest.register_assert_rewrite("fixtures_ham")
+from fixtures_ham import BAD_KINDS, CONVERTED, add_bad_inputs, break_csv, image_path, read_csv  # noqa: E402
+
+pytest_plugins = ["fixtures_ham"]  # ham_src, synthetic_master
 
 SMALL_CACHE = ["--cache-size", "32x24"]
 MANIFEST_KEYS = ["schema", "name", "source", "created", "dermcam_version", "classes", "label_encoding",

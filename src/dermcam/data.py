@@ -768,11 +768,7 @@ def _open(path: Path) -> PreparedDataset:
     return PreparedDataset(manifest["name"], path, manifest, list(manifest["classes"]), index, images)
 
 
-def problems_frame(path: Path) -> pd.DataFrame:
-    """The ``problems.csv`` of a prepared set (for ``dermcam data show``)."""
-    return pd.read_csv(Path(path) / "problems.csv", dtype=str, keep_default_na=False)
-
 
 __all__ = ["CLASS_CODES", "PROBLEM_ACTIONS", "Problem", "PrepareReport", "PreparedDataset", "ImageDecodeError",
            "decode_image", "prepare", "load_prepared", "list_prepared", "split_by_lesion", "leakage_audit",
-           "problems_frame", "check_classes", "default_name"]
+           "check_classes", "default_name"]
