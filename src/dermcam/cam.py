@@ -359,10 +359,12 @@ def compute_cam(model: torch.nn.Module, x: torch.Tensor, method: str = "gradcam"
 
     ``target_layer`` defaults to :func:`dermcam.models.find_target_layer`; ``reshape_transform`` to
     :func:`dermcam.models.reshape_transform_for` (token-to-map folding for ViT/Swin, None for CNNs),
-    also when a layer is named, since a transformer's blocks all emit tokens. ``tta`` averages probabilities and maps over the four flips (none, horizontal,
-    vertical, both; each map flipped back before averaging, then min-max scaled again): the
-    explained class is the argmax of the averaged probabilities, so all four maps explain the same
-    class. It costs four times the compute.
+    also when a layer is named, since a transformer's blocks all emit tokens.
+
+    ``tta`` averages probabilities and maps over the four flips (none, horizontal, vertical, both;
+    each map flipped back before averaging, then min-max scaled again): the explained class is the
+    argmax of the averaged probabilities, so all four maps explain the same class. It costs four
+    times the compute.
     """
     from dermcam.models import find_target_layer, reshape_transform_for
 
@@ -381,16 +383,26 @@ def compute_cam(model: torch.nn.Module, x: torch.Tensor, method: str = "gradcam"
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 
+def predict(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities), each (B, K) float32, in fp32 eval mode without gradients; the model
+    is left as found. ``tta`` averages over the four flips (probabilities averaged as probabilities)."""
+    import torch
+
+    device = _model_device(model)
+    with preserved_model(model), torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        inputs = _as_input(x, device)
+        flips = _FLIPS if tta else _FLIPS[:1]
+        per_flip = torch.stack([model(inputs.flip(d) if d else inputs).float() for d in flips])
+        logits, probs = per_flip.mean(0), per_flip.softmax(2).mean(0)
+    return logits.cpu().numpy(), probs.cpu().numpy()
+
+
 def _tta(cam: CAM, x: torch.Tensor, target: Target) -> CAMResult:
     """Flip-averaged CAM: predictions first (to fix the class), then one map per flip."""
     import torch
 
-    device = _model_device(cam.model)
-    with preserved_model(cam.model), torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        inputs = _as_input(x, device)
-        per_flip = torch.stack([cam.model(inputs.flip(d) if d else inputs).float() for d in _FLIPS])
-        logits, probs = per_flip.mean(0), per_flip.softmax(2).mean(0)
-    targets = _resolve_targets(target, probs)
+    logits, probs = predict(cam.model, x, tta=True)
+    targets = _resolve_targets(target, torch.from_numpy(probs))
     maps = []
     for dims in _FLIPS:
         result = cam(x.flip(dims) if dims else x, targets)
@@ -399,8 +411,8 @@ def _tta(cam: CAM, x: torch.Tensor, target: Target) -> CAMResult:
     low = mean.min(axis=(1, 2), keepdims=True)
     high = (mean - low).max(axis=(1, 2), keepdims=True)
     mean = ((mean - low) / (high + 1e-7)).astype(np.float32)
-    return CAMResult(maps=np.ascontiguousarray(mean), logits=logits.cpu().numpy(), probs=probs.cpu().numpy(),
-                     targets=targets, method=cam.name, layer=cam.layer_name)
+    return CAMResult(maps=np.ascontiguousarray(mean), logits=logits, probs=probs, targets=targets,
+                     method=cam.name, layer=cam.layer_name)
 
 
 def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:

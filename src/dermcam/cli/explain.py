@@ -1,0 +1,100 @@
+"""``dermcam explain``: predictions and Grad-CAM overlays for images (logic in dermcam.explain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from dermcam.cli._common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.errors import ExitCode
+from dermcam.progress import rich_progress
+
+METHOD_NAMES = ("gradcam", "gradcam++", "scorecam", "eigencam")  # dermcam.cam.METHODS, without torch
+
+
+def _table(report: Any) -> Table:
+    """One row per image: predicted class in bold, then every class probability."""
+    table = Table(box=box.SIMPLE_HEAVY, title=f"checkpoint {report.checkpoint['id']}", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("predicted")
+    for name in report.classes:
+        table.add_column(f"p({name})", justify="right")
+    if report.method:
+        table.add_column("overlay", overflow="fold")
+    show_scores = any(r.faithfulness for r in report.results)
+    if show_scores:
+        table.add_column("deletion AUC ↓", justify="right")
+        table.add_column("insertion AUC ↑", justify="right")
+    for row in report.rows():
+        if not hasattr(row, "predicted"):
+            continue
+        cells = [str(row.image), f"[bold]{row.predicted}[/]"]
+        cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
+        if report.method:
+            cells.append(row.overlay.name if row.overlay else "-")
+        if show_scores:
+            scores = row.faithfulness or {}
+            cells += [f"{scores.get('deletion_auc', float('nan')):.3f}",
+                      f"{scores.get('insertion_auc', float('nan')):.3f}"]
+        table.add_row(*cells)
+    return table
+
+
+@handle_errors
+def explain_command(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", metavar="ID|FILE",
+                                             help="Checkpoint id (RUN:EPOCH), run id, 'best', 'latest' or a "
+                                                  ".safetensors / exported file (default: best in the store)."),
+    out: Path = typer.Option(Path("dermcam-explain"), "--out", "-o", help="Folder for overlays and sidecars."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look into sub-folders of folders."),
+    method: str = typer.Option("gradcam", "--method", metavar="|".join(METHOD_NAMES),
+                               help="CAM method: gradcam (default), gradcam++, scorecam (gradient-free, "
+                                    "slower), eigencam (class-agnostic)."),
+    target: Optional[str] = typer.Option(None, "--target", metavar="CLASS",
+                                         help="Explain this class (name or index) instead of the prediction."),
+    layer: Optional[str] = typer.Option(None, "--layer", metavar="NAME",
+                                        help="Module to explain, e.g. stages.3 (default: the backbone's last "
+                                             "feature map)."),
+    tta: bool = typer.Option(False, "--tta", help="Average predictions and maps over flips (4x slower)."),
+    no_cam: bool = typer.Option(False, "--no-cam", help="Predictions and sidecars only, no overlays."),
+    npy: bool = typer.Option(False, "--npy", help="Also save each map as <name>.cam.npy (model input size)."),
+    score: bool = typer.Option(False, "--score", help="Measure map faithfulness: deletion / insertion AUC "
+                                                      "(about 40 extra forward passes per image)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Classify dermoscopy images and save Grad-CAM overlays showing where the model looked.
+
+    Per image, into --out: NAME.cam.png (the overlay, at the photo's own size) and NAME.json
+    (checkpoint, method, layer, probabilities).
+
+    Unreadable files are reported and skipped: exit code 5 when some failed, 2 when none could be used.
+    """
+    from dermcam.explain import explain, write_csv
+
+    with rich_progress(enabled=not json_out) as progress:
+        report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
+                         target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
+                         progress=progress)
+    if csv_path is not None:
+        write_csv(report, csv_path)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        if report.results:
+            console.print(_table(report))
+        what = f"{report.method} on {report.layer}" if report.method else "predictions only"
+        console.print(f"{len(report.results)} explained ({what}) -> {report.out_dir}", highlight=False)
+    for failure in report.failures:
+        err_console.print(f"[bold red]Error:[/] {failure.error}", highlight=False, soft_wrap=True)
+    if report.exit_code != ExitCode.OK:
+        raise typer.Exit(int(report.exit_code))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("explain")(explain_command)
