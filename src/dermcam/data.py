@@ -604,6 +604,88 @@ def _swap_into_place(build: Path, target: Path, root: Path | None) -> None:
             shutil.rmtree(retired, ignore_errors=True)
 
 
+@dataclass
+class _Options:
+    """Validated prepare options; ``key()`` is the part that shapes the output (and the fingerprint)."""
+
+    classes: list[str]
+    seed: int
+    fractions: tuple[float, float, float]
+    max_per_class: int | None
+    size: tuple[int, int]
+
+    def key(self) -> dict[str, Any]:
+        return {"classes": self.classes, "seed": self.seed, "fractions": list(self.fractions),
+                "max_per_class": self.max_per_class, "width": self.size[0], "height": self.size[1]}
+
+
+@dataclass
+class _Scan:
+    """The source as prepare sees it before decoding: kept rows (with file and sha256) and problems."""
+
+    table: pd.DataFrame
+    problems: list[Problem]
+    excluded: int
+    capped: int
+    fingerprint: str
+
+
+def _scan(src: Path, options: _Options, workers: int, progress: Progress) -> _Scan:
+    """Read and clean the metadata, match image files, apply the cap, hash, fingerprint."""
+    csv_path = find_metadata_csv(src)
+    csv_bytes = csv_path.read_bytes()
+    raw, problems = read_metadata(csv_bytes, csv_path.name)
+    files = find_images(src)
+    table, row_problems, excluded = _clean_rows(raw, csv_path.name, options.classes)
+    table, file_problems = _match_files(table, files, set(raw["image_id"]), src)
+    problems += row_problems + file_problems
+    capped = 0
+    if options.max_per_class is not None:
+        before = len(table)
+        table = _cap_per_class(table, options.max_per_class, options.seed)
+        capped = before - len(table)
+    hashes = _parallel(file_sha256, [src / s for s in table["source"]], workers, progress, "Hashing images")
+    table = table.assign(sha256=hashes).reset_index(drop=True)
+    unlisted = [p.file for p in problems if p.kind == "unlisted_image"]
+    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, unlisted, options.key())
+    return _Scan(table, problems, excluded, capped, fingerprint)
+
+
+def _manifest(name: str, src: Path, options: _Options, scan: _Scan, table: pd.DataFrame,
+              problems: list[Problem]) -> dict[str, Any]:
+    """The manifest of the finished set (the format contract, see the module doc)."""
+    counts, lesions = _summaries(table, options.classes)
+    return {
+        "schema": SCHEMA, "name": name, "source": str(src),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dermcam_version": __version__, "classes": options.classes,
+        "label_encoding": {c: i for i, c in enumerate(options.classes)}, "fingerprint": scan.fingerprint,
+        "cache": {"file": CACHE_FILE, "width": options.size[0], "height": options.size[1], "dtype": "uint8",
+                  "layout": "NHWC"},
+        "seed": options.seed, "fractions": list(options.fractions), "max_per_class": options.max_per_class,
+        "counts": counts, "lesions": lesions, "leakage": leakage_audit(group_keys(table), table["split"]),
+        "problems": _problem_counts(problems),
+    }
+
+
+def _build(build: Path, target: Path, src: Path, options: _Options, scan: _Scan, workers: int,
+           progress: Progress) -> tuple[dict[str, Any], list[Problem], int, int]:
+    """Write the whole set into the ``build`` folder. Returns manifest, problems, reused, decoded."""
+    ok, image_problems, reused = _write_cache(build / CACHE_FILE, scan.table, src, target, options.size,
+                                              workers, progress)
+    problems = scan.problems + image_problems
+    table = scan.table[ok].reset_index(drop=True)
+    _check_usable(table, options.classes)
+    table["split"] = split_by_lesion(group_keys(table), table["dx"], options.fractions, options.seed)
+    table["label"] = table["dx"].map({c: i for i, c in enumerate(options.classes)}).astype(int)
+    manifest = _manifest(target.name, src, options, scan, table, problems)
+    atomic_write_bytes(build / "index.csv", _frame_bytes(table[list(INDEX_COLUMNS)]))
+    atomic_write_bytes(build / "problems.csv",
+                       _frame_bytes(pd.DataFrame([p.row() for p in problems], columns=list(PROBLEM_COLUMNS))))
+    atomic_write_json(build / "manifest.json", manifest)
+    return manifest, problems, reused, int(ok.sum()) - reused
+
+
 def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFAULT_CLASSES, seed: int = 0,
             fractions: Sequence[float] = DEFAULT_FRACTIONS, max_per_class: int | None = None,
             cache_size: tuple[int, int] = DEFAULT_CACHE_SIZE, workers: int | None = None,
@@ -611,7 +693,7 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
     """Prepare the HAM10000 folder ``src`` as data set ``name`` in the store (see the module doc).
 
     Raises BadInputError (an unusable source or option) and NotFoundError (no ``src``); on any error
-    the store is left exactly as it was.
+    the store is left exactly as it was: the set is built in a hidden folder and renamed into place.
     """
     started = time.monotonic()
     progress = progress or Progress()
@@ -621,71 +703,27 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
         raise NotFoundError(f"{src} does not exist")
     if not src.is_dir():
         raise BadInputError(f"{src} is not a folder: give the HAM10000 folder holding HAM10000_metadata.csv")
-    chosen = check_classes(classes)
-    fractions = _check_fractions(fractions)
-    size = _check_size(cache_size)
     if max_per_class is not None and max_per_class < 1:
         raise BadInputError("--max-per-class must be at least 1")
+    options = _Options(check_classes(classes), seed, _check_fractions(fractions), max_per_class,
+                       _check_size(cache_size))
     name = _check_name(name) if name else default_name(src)
-    options = {"classes": chosen, "seed": seed, "fractions": list(fractions), "max_per_class": max_per_class,
-               "width": size[0], "height": size[1]}
 
-    csv_path = find_metadata_csv(src)
-    csv_bytes = csv_path.read_bytes()
-    raw, problems = read_metadata(csv_bytes, csv_path.name)
-    files = find_images(src)
-    table, row_problems, excluded = _clean_rows(raw, csv_path.name, chosen)
-
-    table, file_problems = _match_files(table, files, set(raw["image_id"]), src)
-    problems += row_problems + file_problems
-    capped = 0
-    if max_per_class is not None:
-        before = len(table)
-        table = _cap_per_class(table, max_per_class, seed)
-        capped = before - len(table)
-    table = table.assign(sha256=_parallel(file_sha256, [src / s for s in table["source"]], workers, progress,
-                                          "Hashing images"))
-    unlisted = [p.file for p in problems if p.kind == "unlisted_image"]
-    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, unlisted, options)
-
+    scan = _scan(src, options, workers, progress)
     target = datasets_dir(root) / name
-    reused = _reuse_if_current(target, fingerprint, started, excluded, capped)
-    if reused is not None:
-        return reused
-
+    current = _reuse_if_current(target, scan, started)
+    if current is not None:
+        return current
     datasets_dir(root).mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=datasets_dir(root), prefix=f".{name}.", suffix=".build"))
     try:
-        table = table.reset_index(drop=True)
-        ok, image_problems, n_reused = _write_cache(build / CACHE_FILE, table, src, target, size, workers,
-                                                    progress)
-        problems += image_problems
-        table = table[ok].reset_index(drop=True)
-        _check_usable(table, chosen)
-        groups = group_keys(table)
-        table["split"] = split_by_lesion(groups, table["dx"], fractions, seed)
-        table["label"] = table["dx"].map({c: i for i, c in enumerate(chosen)}).astype(int)
-        counts, lesions = _summaries(table, chosen)
-        manifest = {
-            "schema": SCHEMA, "name": name, "source": str(src),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dermcam_version": __version__, "classes": chosen,
-            "label_encoding": {c: i for i, c in enumerate(chosen)}, "fingerprint": fingerprint,
-            "cache": {"file": CACHE_FILE, "width": size[0], "height": size[1], "dtype": "uint8", "layout": "NHWC"},
-            "seed": seed, "fractions": list(fractions), "max_per_class": max_per_class,
-            "counts": counts, "lesions": lesions, "leakage": leakage_audit(groups, table["split"]),
-            "problems": _problem_counts(problems),
-        }
-        atomic_write_bytes(build / "index.csv", _frame_bytes(table[list(INDEX_COLUMNS)]))
-        atomic_write_bytes(build / "problems.csv",
-                           _frame_bytes(pd.DataFrame([p.row() for p in problems], columns=list(PROBLEM_COLUMNS))))
-        atomic_write_json(build / "manifest.json", manifest)
+        manifest, problems, reused, decoded = _build(build, target, src, options, scan, workers, progress)
         _swap_into_place(build, target, root)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    return PrepareReport(name=name, path=target, manifest=manifest, up_to_date=False, reused=n_reused,
-                         decoded=int(ok.sum()) - n_reused, excluded=excluded, capped=capped,
+    return PrepareReport(name=name, path=target, manifest=manifest, up_to_date=False, reused=reused,
+                         decoded=decoded, excluded=scan.excluded, capped=scan.capped,
                          seconds=time.monotonic() - started, problems=problems)
 
 
@@ -698,8 +736,7 @@ def _check_usable(table: pd.DataFrame, classes: list[str]) -> None:
                             "or choose other --classes)")
 
 
-def _reuse_if_current(target: Path, fingerprint: str, started: float, excluded: int,
-                      capped: int) -> PrepareReport | None:
+def _reuse_if_current(target: Path, scan: _Scan, started: float) -> PrepareReport | None:
     """The existing set as a report, when it was built from exactly this input and is intact."""
     try:
         manifest = read_json(target / "manifest.json")
@@ -708,12 +745,12 @@ def _reuse_if_current(target: Path, fingerprint: str, started: float, excluded: 
     except (OSError, ValueError):
         return None
     total = sum(sum(c.values()) for c in manifest.get("counts", {}).values())
-    if manifest.get("fingerprint") != fingerprint or len(images) != total:
+    if manifest.get("fingerprint") != scan.fingerprint or len(images) != total:
         return None
     listed = [Problem(r.file, r.image_id, r.kind, r.detail) for r in problems.itertuples()]
     return PrepareReport(name=target.name, path=target, manifest=manifest, up_to_date=True, reused=total,
-                         decoded=0, excluded=excluded, capped=capped, seconds=time.monotonic() - started,
-                         problems=listed)
+                         decoded=0, excluded=scan.excluded, capped=scan.capped,
+                         seconds=time.monotonic() - started, problems=listed)
 
 
 # --------------------------------------------------------------------------- reading prepared sets
