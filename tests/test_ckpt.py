@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dermcam.checkpoints import create_run, find_run, read_run, resume_point, run_checkpoints, save_checkpoint
+from dermcam.checkpoints import (create_run, find_run, read_run, resume_point, run_checkpoints, save_checkpoint,
+                                 update_run)
 from dermcam.cli import app
 from dermcam.store import home, store_lock
 
@@ -190,6 +191,24 @@ def test_prune_never_touches_latest_and_best_of_a_training_run(runner) -> None:
     assert epochs(idle) == []
 
 
+def test_prune_protects_what_a_resumed_training_run_needs_after_a_rollback(runner) -> None:
+    run = make_run("aaa111", [0.5, 0.6, 0.7, 0.95, 0.4])
+    assert invoke(runner, "restore", "aaa111:1", "--yes").exit_code == 0
+    with store_lock("run-aaa111"):
+        # training resumed after epoch 1 (clearing the pointer) and rewrote epoch 2; stale epochs 3
+        # and 4 are still on disk: 3 outranks what training thinks is best, 4 is the resume point now
+        update_run(run, resume_from=None)
+        best = {"epoch": 1, "value": 0.6, "id": "aaa111:1"}
+        save_checkpoint(run, epoch=2, model_state=model_state(), sidecar=sidecar(0.55, epoch=2),
+                        train_state={"epoch": 2, "best": best})
+        result = invoke(runner, "prune", "--keep-best", "0", "--no-keep-latest", "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    kept = {k["id"]: k["reasons"] for k in json.loads(result.stdout)["kept"]}
+    assert set(kept) == {"aaa111:1", "aaa111:2", "aaa111:3", "aaa111:4"}
+    assert all(reasons == ["training"] for reasons in kept.values())
+    assert epochs(run) == [1, 2, 3, 4]
+
+
 def test_prune_asks_in_a_terminal(runner, monkeypatch: pytest.MonkeyPatch) -> None:
     run = make_run("aaa111", [0.5, 0.9, 0.6])
     monkeypatch.setattr("dermcam.cli.ckpt._interactive", lambda: True)
@@ -317,3 +336,12 @@ def test_verify_reports_damage_and_cleans_leftovers(runner) -> None:
     assert weights.exists() and (run / "epoch-0001.json").exists() and fresh_tmp.exists()
     assert not tmp.exists() and not (run / "epoch-0002.safetensors").exists()
     assert epochs(run) == [0, 1]
+
+
+@pytest.mark.parametrize("command", ["list", "prune", "export", "restore", "verify"])
+def test_help_is_fast_and_does_not_import_torch(command: str) -> None:
+    code = ("import sys\nfrom dermcam.cli import app\ntry:\n"
+            f"    app(['ckpt', {command!r}, '--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY=' + ','.join(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.rstrip().splitlines()[-1] == "HEAVY=", out

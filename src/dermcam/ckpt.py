@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dermcam.checkpoints import (Checkpoint, best_of, create_run, epoch_stem, find_run,
-                                 incomplete_files, list_checkpoints, new_run_id, rank_key,
+                                 incomplete_files, join_state, list_checkpoints, new_run_id, rank_key,
                                  read_checkpoint, read_run, resolve, resume_point, run_checkpoints,
                                  save_checkpoint, sha256_file, update_run, utc_now)
 from dermcam.errors import BadInputError, CorruptError, LockedError
@@ -178,9 +178,30 @@ def plan_prune(by_run: dict[str, list[Checkpoint]], *, keep_best: int, keep_last
         if keep_latest:
             plan.mark([resume], "latest")
         if run_id in active:
-            plan.mark([resume, ckpts[-1], best_of(ckpts)], "training")
+            plan.mark(_needed_by_training(ckpts), "training")
     plan.delete = [c for c in everything if c.id not in plan.keep]
     return plan
+
+
+def _needed_by_training(ckpts: list[Checkpoint]) -> list[Checkpoint | None]:
+    """What a running training process may still read: the checkpoint it wrote last (by time, not
+    epoch: after a rollback, higher stale epochs can exist), the resume point, the best by sidecars and
+    the best its own training state names (they differ when stale epochs outrank the resumed ones)."""
+    newest = max(ckpts, key=lambda c: c.sidecar_path.stat().st_mtime_ns)
+    state_best = _state_best_id(newest)
+    return [newest, resume_point(newest.run_dir), best_of(ckpts),
+            next((c for c in ckpts if c.id == state_best), None)]
+
+
+def _state_best_id(ckpt: Checkpoint) -> str | None:
+    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.training)."""
+    skeleton = (ckpt.sidecar.get("state") or {}).get("json")
+    entries = skeleton.get("__map__") if isinstance(skeleton, dict) else None
+    for key, value in entries if isinstance(entries, list) else []:
+        if key == "best" and isinstance(value, dict):
+            best = join_state(value, {}) if "__map__" in value else value
+            return str(best.get("id")) if isinstance(best, dict) and best.get("id") else None
+    return None
 
 
 def _check_global(ckpts: list[Checkpoint]) -> None:

@@ -72,7 +72,7 @@ def list_cmd(
     Flags: best (what 'best' resolves to), run-best (best of its run), latest (its run's resume point),
     exported, imported, training (its run is training right now).
     """
-    from dermcam.ckpt import list_checkpoint_rows
+    from dermcam.ckpt import LIST_METRICS, list_checkpoint_rows
     from dermcam.store import runs_dir
 
     rows = list_checkpoint_rows(run=run, sort=sort)
@@ -82,8 +82,7 @@ def list_cmd(
     if not rows:
         console.print(f"No checkpoints in {runs_dir()}; train one with: dermcam train")
         return
-    metric_keys = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
-    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in metric_keys for r in rows)
+    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in rows)
     table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
                   caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
     table.add_column("ID", no_wrap=True)
@@ -98,7 +97,7 @@ def list_cmd(
     for row in rows:
         monitored = str(row["monitor"].get("name", "")).removeprefix("val_")
         cells = [f"[bold]{_metric(row['metrics'].get(k))}[/]" if k == monitored else _metric(row["metrics"].get(k))
-                 for k in metric_keys]
+                 for k in LIST_METRICS]
         flags = " ".join(f"[bold green]{f}[/]" if f == "best" else f for f in row["flags"])
         table.add_row(row["id"], f"{row['backbone']}\n[dim]{row['dataset'] or '-'}[/]",
                       *([_monitor_cell(row["monitor"])] if extra_monitor else []), *cells,
