@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dermcam.data import CLASS_CODES, METADATA_COLUMNS
 from dermcam.errors import BadInputError
 from dermcam.store import atomic_write_bytes
 
-HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 LOCALIZATIONS = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest")
 
 
@@ -171,10 +170,10 @@ def write_synthetic_ham10000(dest: Path, *, n_lesions_per_class: int = 40,
     ``images_per_lesion`` is an inclusive range; ``size`` is (width, height). The same arguments
     always give byte-identical files, so tests and demos are reproducible.
     """
-    unknown = [c for c in classes if c not in HAM_CLASSES]
+    unknown = [c for c in classes if c not in CLASS_CODES]
     if unknown or not classes:
         raise BadInputError(f"unknown class code(s) {', '.join(unknown) or '(none given)'}; "
-                            f"choose from {', '.join(HAM_CLASSES)}")
+                            f"choose from {', '.join(CLASS_CODES)}")
     low, high = images_per_lesion
     if n_lesions_per_class < 1 or low < 1 or high < low:
         raise BadInputError("need at least one lesion per class and 1 <= images_per_lesion[0] <= [1]")
