@@ -34,9 +34,13 @@ class RichProgress(Progress):
         self._progress = progress
         self._console = console
         self._task: Any = None
+        self.live = False
 
     def start(self, description: str, total: int | None = None) -> None:
         self.finish()
+        if not self.live:  # started lazily: a command that fails early prints no empty bar line
+            self._progress.start()
+            self.live = True
         self._task = self._progress.add_task(description, total=total, info="")
 
     def advance(self, n: int = 1, **fields: Any) -> None:
@@ -46,7 +50,7 @@ class RichProgress(Progress):
         self._progress.update(self._task, advance=n, **({"info": info} if fields else {}))
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message)
+        self._console.print(message)
 
     def finish(self) -> None:
         if self._task is not None:
@@ -75,5 +79,9 @@ def rich_progress(enabled: bool = True) -> Iterator[Progress]:
         console=console,
         transient=False,
     )
-    with bar:
-        yield RichProgress(bar, console)
+    reporter = RichProgress(bar, console)
+    try:
+        yield reporter
+    finally:
+        if reporter.live:
+            bar.stop()

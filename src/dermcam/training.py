@@ -202,6 +202,7 @@ class Trainer:
         self.resume = resume
         self.run_ref = run
         self.config = config
+        self.resume_ckpt: Any = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -219,7 +220,8 @@ class Trainer:
             self.run_dir = create_run(dataclasses.asdict(self.config), self.root)
         self.run_id = self.run_dir.name
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Data, model, optimizer and loss; public so benchmarks can time the loop's parts."""
         import torch
 
         from dermcam.data import load_prepared
@@ -314,15 +316,33 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def train_one_epoch(self) -> float:
+    def make_batch(self, order: np.ndarray, b: int) -> tuple[Any, Any]:
+        """Batch ``b`` of the epoch: cache rows -> augmented, normalised tensors on the device."""
         import torch
 
         from dermcam.augment import augment, batch_generator, normalize, resize, to_float
-        from dermcam.evaluation import autocast
 
         cfg = self.config
         size = tuple(self.preprocessing["input_size"][-2:])
-        mean, std = self.preprocessing["mean"], self.preprocessing["std"]
+        picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x = to_float(self.data.images[self.train_rows[picks]])
+        x = augment(x, size, batch_generator(cfg.seed, self.epoch, b)) if cfg.augment else resize(x, size)
+        x = normalize(x, self.preprocessing["mean"], self.preprocessing["std"]).to(self.device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.from_numpy(self.train_labels[picks]).to(self.device)
+
+    def forward_backward(self, x: Any, y: Any) -> float:
+        """Loss and gradients of one micro-batch (the bare model step that benchmarks compare with)."""
+        from dermcam.evaluation import autocast
+
+        with autocast(self.device, self.precision):
+            loss = self.loss_fn(self.model(x).float(), y)
+        self.scaler.scale(loss / self.config.accumulate).backward()
+        return float(loss.detach())
+
+    def train_one_epoch(self) -> float:
+        cfg = self.config
         order = epoch_order(len(self.train_rows), self.train_labels, cfg.seed, self.epoch, cfg.balance,
                             len(self.classes))
         self.model.train()
@@ -330,21 +350,12 @@ class Trainer:
         total_loss, seen = 0.0, 0
         self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
         for b in range(self.batches_per_epoch):
-            picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            rows = self.train_rows[picks]
-            x = to_float(self.data.images[rows])
-            x = augment(x, size, batch_generator(cfg.seed, self.epoch, b)) if cfg.augment else resize(x, size)
-            x = normalize(x, mean, std).to(self.device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(self.train_labels[picks]).to(self.device)
-            with autocast(self.device, self.precision):
-                loss = self.loss_fn(self.model(x).float(), y)
-            self.scaler.scale(loss / cfg.accumulate).backward()
+            x, y = self.make_batch(order, b)
+            loss = self.forward_backward(x, y)
             if (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch:
                 self._optimizer_step()
-            total_loss += float(loss.detach()) * len(picks)
-            seen += len(picks)
+            total_loss += loss * len(y)
+            seen += len(y)
             self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
         self.progress.finish()
         return total_loss / max(1, seen)
@@ -435,7 +446,7 @@ class Trainer:
         started = time.monotonic()
         self._open_run()
         with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root):
-            self._build()
+            self.build()
             self._restore()
             resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
             if resumed_from:
