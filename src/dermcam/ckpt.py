@@ -433,7 +433,8 @@ def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
     return {"action": "import", "created": True, "id": ckpt.id, "run_id": ckpt.run_id, "file": str(path),
-            "source_id": source.get("id"), "backbone": meta["backbone"], "classes": meta["classes"]}
+            "source_id": source.get("id"), "backbone": meta["backbone"], "classes": meta["classes"],
+            "weights": str(ckpt.weights_path)}
 
 
 def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:

@@ -146,6 +146,7 @@ def export_checkpoint(ref: str | Path | None, output: Path | None = None, *, dty
     if out.exists() and not force:
         raise BadInputError(f"{out} already exists; choose another -o or pass --force to replace it")
     file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
+    out.chmod(0o644)  # the temporary file was private (0600); an export is meant to be shared
     record = {"id": ckpt.id, "sha256": ckpt.sidecar["weights"]["sha256"], "file": str(out.resolve()),
               "file_sha256": file_sha, "dtype": dtype, "created": utc_now()}
     with store_lock("store", root=root):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich import box
 from rich.table import Table
 
 from dermcam.cli._common import JSON_OPTION, console, err_console, handle_errors, print_json
@@ -148,7 +147,8 @@ def prune_cmd(
     """
     from dermcam.ckpt import prune
 
-    options = dict(keep_best=keep_best, keep_last=keep_last, run=run, global_rank=global_rank, keep_latest=keep_latest)
+    options = {"keep_best": keep_best, "keep_last": keep_last, "run": run, "global_rank": global_rank,
+               "keep_latest": keep_latest}
     only = None
     if not dry_run and not yes and _interactive():
         preview = prune(dry_run=True, **options)
@@ -194,7 +194,7 @@ def export_cmd(
     console.print(f"Exported {result['id']} ({result['backbone']}, {result['dtype']}) to {result['file']}\n"
                   f"  {human_bytes(result['size'])} (checkpoint weights: {human_bytes(result['source_size'])}), "
                   f"sha256 {result['file_sha256'][:16]}...\n"
-                  f"  Use it with: dermcam explain IMAGE --model {result['file']}  "
+                  f"  Use it with: dermcam explain IMAGE -c {result['file']}  "
                   f"or import it elsewhere with: dermcam ckpt restore FILE", highlight=False, soft_wrap=True)
 
 
@@ -233,12 +233,14 @@ def restore_cmd(
         console.print(f"{result['file']} is already in the store as {result['id']}; nothing imported.")
     elif result["action"] == "import":
         console.print(f"Imported {result['file']} as checkpoint [bold]{result['id']}[/] ({result['backbone']}; "
-                      f"exported from {result['source_id']}). Not resumable: no training state.", highlight=False)
+                      f"exported from {result['source_id']}). Not resumable: no training state.\n"
+                      f"  Use it with: dermcam explain IMAGE -c {result['id']}; fine-tune from it with: "
+                      f"dermcam train --pretrained {result['weights']}", highlight=False, soft_wrap=True)
     else:
         later = (f" Later checkpoints ({', '.join(result['later'])}) stay until training overwrites them."
                  if result["later"] else "")
         console.print(f"Run {result['run_id']} now resumes from [bold]{result['id']}[/] (was "
-                      f"{result['previous'] or 'none'}): dermcam train --resume {result['run_id']}.{later}",
+                      f"{result['previous'] or 'none'}): dermcam train --resume --run {result['run_id']}.{later}",
                       highlight=False)
 
 
