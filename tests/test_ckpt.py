@@ -297,6 +297,16 @@ def test_restore_checkpoint_refused_while_training_or_without_state(runner) -> N
     assert read_run(run)["resume_from"] is None
 
 
+def test_restore_checkpoint_asks_in_a_terminal(runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_run("aaa111", [0.5, 0.9, 0.6])
+    monkeypatch.setattr("dermcam.cli.ckpt._interactive", lambda: True)
+    declined = invoke(runner, "restore", "aaa111:0", input="n\n")
+    assert declined.exit_code == 0 and "aaa111:1, aaa111:2" in declined.stderr and "Nothing changed" in declined.stderr
+    assert read_run(run)["resume_from"] is None
+    assert invoke(runner, "restore", "aaa111:0", input="y\n").exit_code == 0
+    assert read_run(run)["resume_from"] == "aaa111:0"
+
+
 # ------------------------------------------------------------------------------------------------ verify
 
 
@@ -345,3 +355,12 @@ def test_help_is_fast_and_does_not_import_torch(command: str) -> None:
             "print('HEAVY=' + ','.join(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.rstrip().splitlines()[-1] == "HEAVY=", out
+
+
+def test_verify_clean_leaves_a_training_run_alone(runner) -> None:
+    run = make_run("aaa111", [0.5, 0.9])
+    (run / "epoch-0001.json").unlink()  # looks like an interrupted write
+    with store_lock("run-aaa111"):
+        report = json.loads(invoke(runner, "verify", "--clean", "--json").stdout)
+    assert {e["note"] for e in report["incomplete"]} == {"run is training; left alone"}
+    assert not any(e["cleaned"] for e in report["incomplete"]) and (run / "epoch-0001.safetensors").exists()
