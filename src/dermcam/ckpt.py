@@ -444,5 +444,6 @@ def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _imported_sidecar(meta: dict[str, Any], imported: dict[str, Any]) -> dict[str, Any]:
-    keys = ("backbone", "classes", "label_encoding", "preprocessing", "metrics", "monitor", "config", "dataset")
+    keys = ("backbone", "classes", "label_encoding", "preprocessing", "metrics", "monitor", "config", "dataset",
+            "pretrained")
     return {**{k: meta.get(k) for k in keys}, "imported": imported}

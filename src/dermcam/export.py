@@ -105,6 +105,7 @@ def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype
         "monitor": side.get("monitor") or {},
         "dataset": side.get("dataset") or {},
         "config": side.get("config") or {},
+        "pretrained": side.get("pretrained"),
         "dtype": dtype,
         "tensors_sha256": tensor_digest(tensors),
         "source": {"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
