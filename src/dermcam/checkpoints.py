@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_SCHEMA = "dermcam.checkpoint/1"
 RUN_SCHEMA = "dermcam.run/1"
+DEFAULT_MONITOR = "val_balanced_accuracy"
 _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.json$")
 
 
@@ -298,8 +299,20 @@ def better(a: Checkpoint, b: Checkpoint | None) -> bool:
 
 
 def best_of(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
+    """The best checkpoint by its monitored metric.
+
+    Values of different metrics are not comparable (a val_loss of 0.8 is not "better" than a balanced
+    accuracy of 0.9), so when runs monitor different metrics only those monitoring the default
+    (val_balanced_accuracy) compete, or else those monitoring the newest checkpoint's metric.
+    """
+    ckpts = [c for c in checkpoints if c.monitor_value is not None]
+    names = {c.sidecar["monitor"].get("name") for c in ckpts}
+    if len(names) > 1:
+        newest = max(ckpts, key=lambda c: c.sidecar.get("created", ""))
+        chosen = DEFAULT_MONITOR if DEFAULT_MONITOR in names else newest.sidecar["monitor"].get("name")
+        ckpts = [c for c in ckpts if c.sidecar["monitor"].get("name") == chosen]
     best: Checkpoint | None = None
-    for ckpt in checkpoints:
+    for ckpt in ckpts:
         if better(ckpt, best):
             best = ckpt
     return best
@@ -367,7 +380,11 @@ def latest_run(root: Path | None = None) -> Path:
 
 
 def resume_point(run_dir: Path) -> Checkpoint | None:
-    """The checkpoint ``train --resume`` continues from: the run's pointer if set, else its latest."""
+    """The checkpoint ``train --resume`` continues from: the run's pointer if set, else its latest.
+
+    Training moves the pointer to every checkpoint it saves, so after a rollback (``ckpt restore
+    RUN:EPOCH``) the stale later epochs of the old branch are never resumed from.
+    """
     ckpts = [c for c in run_checkpoints(run_dir) if c.state_path is not None]
     pointer = read_run(run_dir).get("resume_from")
     if pointer:
@@ -491,7 +508,7 @@ def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> torch.Tensor:
     import torch.nn.functional as F
 
     _, height, width = preprocessing["input_size"]
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy for torch
     x = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0
     x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)

@@ -51,7 +51,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Loss (left) and the headline validation metrics (right) per epoch."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    epochs = [h["epoch"] + 1 for h in history]  # people count epochs from 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
         values = [h.get(key) for h in history]
@@ -69,8 +69,11 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
     right.set_xlabel("epoch")
     right.set_title("validation")
     right.legend(loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -207,9 +207,9 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
 
     def _open_run(self) -> None:
-        from dermcam.checkpoints import create_run, find_run, latest_run, read_run, resume_point
+        """Find the run to resume; a new run's folder is only created once its model is built."""
+        from dermcam.checkpoints import find_run, latest_run, read_run, resume_point
 
-        self.resume_ckpt = None
         if self.resume:
             self.run_dir = find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)
             info = read_run(self.run_dir)
@@ -217,8 +217,6 @@ class Trainer:
             self.resume_ckpt = resume_point(self.run_dir)
         else:
             self.config.validate()
-            self.run_dir = create_run(dataclasses.asdict(self.config), self.root)
-        self.run_id = self.run_dir.name
 
     def build(self) -> None:
         """Data, model, optimizer and loss; public so benchmarks can time the loop's parts."""
@@ -395,7 +393,7 @@ class Trainer:
         return float(value)
 
     def _save(self, metrics: dict[str, Any], train_loss: float) -> Any:
-        from dermcam.checkpoints import save_checkpoint
+        from dermcam.checkpoints import save_checkpoint, update_run
         from dermcam.store import store_lock
 
         cfg = self.config
@@ -417,8 +415,10 @@ class Trainer:
             "pretrained": self.pretrained, "precision": self.precision, "device": self.device.type,
         }
         with store_lock("store", shared=True, root=self.root):
-            return save_checkpoint(self.run_dir, epoch=self.epoch, model_state=self.eval_model().state_dict(),
+            ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=self.eval_model().state_dict(),
                                    sidecar=sidecar, train_state=train_state)
+            update_run(self.run_dir, resume_from=ckpt.id)
+        return ckpt
 
     def _record_epoch(self, metrics: dict[str, Any], train_loss: float, seconds: float) -> None:
         from dermcam.checkpoints import append_metrics
@@ -440,19 +440,22 @@ class Trainer:
             self.stopped = self.bad_epochs >= self.config.patience
 
     def fit(self) -> TrainResult:
-        from dermcam.checkpoints import update_run
+        from dermcam.checkpoints import create_run, update_run
         from dermcam.store import store_lock
 
         started = time.monotonic()
         self._open_run()
+        self.build()
+        if not self.resume:
+            self.run_dir = create_run(dataclasses.asdict(self.config), self.root)
+        self.run_id = self.run_dir.name
         with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root):
-            self.build()
             self._restore()
             resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
             if resumed_from:
                 self.epoch += 1
                 self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
-            update_run(self.run_dir, status="running", resume_from=None)
+            update_run(self.run_dir, status="running")
             while self.epoch < self.config.epochs and not self.stopped:
                 t0 = time.monotonic()
                 train_loss = self.train_one_epoch()

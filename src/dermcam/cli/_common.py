@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dermcam.errors import DermcamError, ExitCode
 
@@ -27,7 +28,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DermcamError as exc:
-            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(int(exc.exit_code)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/]")

@@ -57,30 +57,11 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-@ckpt_app.command("list")
-@handle_errors
-def list_cmd(
-    run: Optional[str] = typer.Option(None, "--run", help="Only this run (id or unique prefix)."),
-    sort: Optional[str] = typer.Option(None, "--sort", metavar="METRIC",
-                                       help="Sort best first by a validation metric (balanced_accuracy, macro_f1, "
-                                            "recall_mel, auc_macro, loss, ...), 'monitor', or epoch/age/size."),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """List every checkpoint with its metrics, size, age and flags.
-
-    Flags: best (what 'best' resolves to), run-best (best of its run), latest (its run's resume point),
-    exported, imported, training (its run is training right now).
-    """
-    from dermcam.ckpt import LIST_METRICS, list_checkpoint_rows
+def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
+    """The ``ckpt list`` table (also shown by ``dermcam demo``)."""
+    from dermcam.ckpt import LIST_METRICS
     from dermcam.store import runs_dir
 
-    rows = list_checkpoint_rows(run=run, sort=sort)
-    if as_json:
-        print_json(rows)
-        return
-    if not rows:
-        console.print(f"No checkpoints in {runs_dir()}; train one with: dermcam train")
-        return
     extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in rows)
     table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
                   caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
@@ -101,7 +82,34 @@ def list_cmd(
         table.add_row(row["id"], f"{row['backbone']}\n[dim]{row['dataset'] or '-'}[/]",
                       *([_monitor_cell(row["monitor"])] if extra_monitor else []), *cells,
                       human_bytes(row["size"]), human_age(row["age_seconds"]), flags)
-    console.print(table)
+    return table
+
+
+@ckpt_app.command("list")
+@handle_errors
+def list_cmd(
+    run: Optional[str] = typer.Option(None, "--run", help="Only this run (id or unique prefix)."),
+    sort: Optional[str] = typer.Option(None, "--sort", metavar="METRIC",
+                                       help="Sort best first by a validation metric (balanced_accuracy, macro_f1, "
+                                            "recall_mel, auc_macro, loss, ...), 'monitor', or epoch/age/size."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List every checkpoint with its metrics, size, age and flags.
+
+    Flags: best (what 'best' resolves to), run-best (best of its run), latest (its run's resume point),
+    exported, imported, training (its run is training right now).
+    """
+    from dermcam.ckpt import list_checkpoint_rows
+    from dermcam.store import runs_dir
+
+    rows = list_checkpoint_rows(run=run, sort=sort)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"No checkpoints in {runs_dir()}; train one with: dermcam train")
+        return
+    console.print(checkpoint_table(rows))
 
 
 def _render_prune(result: dict[str, Any], out: Any = console) -> None:
