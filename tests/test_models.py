@@ -202,6 +202,8 @@ def test_auto_without_any_weights_says_what_to_do_in_one_line(offline: Path) -> 
         assert hint in message
     with pytest.raises(NotFoundError, match="hub is unreachable"):
         create_model("test_convnext", 3, "hub")
+    with pytest.raises(NotFoundError, match="timm lists none"):
+        create_model("efficientnet_lite1", 3, "hub")
 
 
 def test_hub_probe_is_quick_and_respects_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:

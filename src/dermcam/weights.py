@@ -339,7 +339,12 @@ def no_weights_message(backbone: str, pretrained: str, *, has_hub_weights: bool)
     """One line listing every way out, tailored to what is installed."""
     installed = list_offline_weight_packages()
     packages = ", ".join(f"{b}{' [installed]' if b in installed else ''}" for b in OFFLINE_WEIGHT_PACKAGES)
-    where = "in the Hugging Face cache and the hub is unreachable" if pretrained == "hub" else "offline"
+    if pretrained != "hub":
+        where = "offline"
+    elif has_hub_weights:
+        where = "in the Hugging Face cache and the hub is unreachable"
+    else:
+        where = "on the Hugging Face hub (timm lists none for it)"
     steps = []
     if has_hub_weights:
         steps.append("connect to the internet once (weights are cached)")
