@@ -20,12 +20,14 @@ min-max scaled to [0, 1] per image. An all-zero map means "no positive evidence 
 
 Why our own code rather than ``pytorch-grad-cam`` at run time: it leaves the model in eval mode,
 back-propagates through the whole network into every parameter's ``.grad``, needs OpenCV and
-matplotlib, and raises when the backbone is frozen (nothing before the layer requires grad). Here the model is left exactly as found (train/eval flag of every
-module, ``requires_grad`` and ``.grad`` of every parameter, the state dict), autograd records only
-the layers after the target layer and :func:`torch.autograd.grad` differentiates with respect to its
-output alone (so frozen backbones work, and neither the forward nor the backward pays for the rest of
-the backbone: see benchmarks/bench_explain.py), hooks are removed even when something raises, and
-everything runs in fp32 with autocast disabled, even inside a caller's bf16 autocast block.
+matplotlib, and raises when the backbone is frozen (nothing before the layer requires grad).
+
+Here the model is left exactly as found (train/eval flag of every module, ``requires_grad`` and
+``.grad`` of every parameter, the state dict); autograd records only the layers after the target layer
+and :func:`torch.autograd.grad` differentiates with respect to its output alone (so frozen backbones
+work, and neither the forward nor the backward pays for the rest of the backbone: see
+benchmarks/bench_explain.py); hooks are removed even when something raises; and everything runs in
+fp32 with autocast disabled, even inside a caller's bf16 autocast block.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class ExplainReport:
 
 # ------------------------------------------------------------------------------------------ inputs
 
-def collect_images(paths: Iterable[Path], recursive: bool = False) -> tuple[list[tuple[Path, Path]], list[ExplainFailure]]:
+def collect_images(paths: Iterable[Path],
+                   recursive: bool = False) -> tuple[list[tuple[Path, Path]], list[ExplainFailure]]:
     """(image, output name without suffix) for every input, plus failures for paths that do not exist.
 
     A named file is taken whatever its extension (and fails later if it is not an image); a folder
@@ -173,7 +174,8 @@ def load_image(path: Path) -> Image.Image:
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise BadInputError(f"{path}: {image.width}x{image.height} pixels is over the "
-                                        f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit (possible decompression bomb)")
+                                        f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit "
+                                        "(possible decompression bomb)")
                 image.load()
                 return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -29,9 +29,7 @@ def _table(report: Any) -> Table:
     if show_scores:
         table.add_column("deletion AUC ↓", justify="right")
         table.add_column("insertion AUC ↑", justify="right")
-    for row in report.rows():
-        if not hasattr(row, "predicted"):
-            continue
+    for row in report.results:
         cells = [str(row.image), f"[bold]{row.predicted}[/]"]
         cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
         if report.method:
