@@ -6,10 +6,17 @@ the epoch's image order is drawn from ``(seed, epoch)``, each batch's augmentati
 global state remains (optimizer moments, EMA, dropout RNG, early-stopping counters) is saved with
 every epoch checkpoint, tensors in safetensors and the rest in JSON. A run killed at any moment
 resumes from its last complete checkpoint and ends with the same weights as an uninterrupted run.
+
+Under torchrun (see :mod:`dermcam.distributed`) the same definitions hold for the *global* batch:
+every rank draws the same epoch order and batch augmentation, takes its slice of each global batch,
+scales its loss so DistributedDataParallel's gradient average equals the single-process loss over
+the global batch, and predicts its shard of the validation split. Rank 0 alone writes the run. The
+saved state does not depend on the number of processes, so a run resumes with any number of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dermcam import distributed
 from dermcam.errors import BadInputError
 from dermcam.progress import Progress
 
@@ -51,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    sync_bn: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -126,6 +135,25 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def check_distributed(config: TrainConfig, dist: distributed.DistContext) -> None:
+    """What a multi-process run needs beyond a single-process one (errors before any work is done)."""
+    if not dist.enabled:
+        return
+    if config.batch_size % dist.world_size:
+        raise BadInputError(f"--batch-size {config.batch_size} is the global batch size and must be divisible "
+                            f"by the number of processes ({dist.world_size})")
+    if config.sync_bn and dist.device.type != "cuda":
+        raise BadInputError("sync_bn needs CUDA: SyncBatchNorm does not run on the CPU")
+
+
+def _seed_rank(seed: int, epoch: int, rank: int) -> None:
+    """Model randomness (dropout, drop-path) of one rank for one epoch: independent between ranks and,
+    like everything else, a function of where training is (a resumed run draws the same masks)."""
+    import torch
+
+    torch.manual_seed((seed * 7919 + epoch) * 65_537 + rank + 1)
+
+
 class EMA:
     """Exponential moving average of the model's weights (float tensors; buffers copied)."""
 
@@ -180,8 +208,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a run may resume on a machine with fewer GPUs
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def seed_everything(seed: int) -> None:
@@ -198,7 +226,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, root: Path | None = None, progress: Progress | None = None,
                  resume: bool = False, run: str | None = None) -> None:
         self.root = root
-        self.progress = progress or Progress()
+        self.dist = distributed.current()
+        self.progress = (progress or Progress()) if self.dist.is_main else Progress()
         self.resume = resume
         self.run_ref = run
         self.config = config
@@ -211,7 +240,10 @@ class Trainer:
         from dermcam.checkpoints import find_run, latest_run, read_run, resume_point
 
         if self.resume:
-            self.run_dir = find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)
+            picked = ""
+            if self.dist.is_main:  # rank 0 decides which run "latest" is; the others follow it
+                picked = (find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)).name
+            self.run_dir = find_run(self.dist.broadcast_str(picked), self.root)
             info = read_run(self.run_dir)
             self.config = TrainConfig.from_dict(info["config"])
             self.resume_ckpt = resume_point(self.run_dir)
@@ -231,7 +263,8 @@ class Trainer:
         if cfg.dataset is None:
             cfg.dataset = self.data.name
         self.classes = list(self.data.classes)
-        self.device = select_device(cfg.device)
+        check_distributed(cfg, self.dist)
+        self.device = self.dist.device if self.dist.enabled else select_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed)
         if self.resume_ckpt is None:
@@ -247,6 +280,7 @@ class Trainer:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.train_model = self._wrap_ddp() if self.dist.enabled else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
@@ -256,6 +290,11 @@ class Trainer:
             raise BadInputError(f"data set '{self.data.name}' has an empty train or val split; "
                                 "prepare it with more images")
         weights = class_weights(self.train_labels, len(self.classes)) if cfg.balance == "loss" else None
+        self.sample_weights = (np.ones(len(self.train_labels)) if weights is None
+                               else weights[self.train_labels].astype(np.float64))
+        if self.dist.enabled and len(self.train_rows) < cfg.batch_size:
+            raise BadInputError(f"the train split has {len(self.train_rows)} images, fewer than --batch-size "
+                                f"{cfg.batch_size}; every process needs its share of a full batch")
         self.loss_fn = torch.nn.CrossEntropyLoss(
             weight=None if weights is None else torch.from_numpy(weights).to(self.device),
             label_smoothing=cfg.label_smoothing)
@@ -271,6 +310,17 @@ class Trainer:
         self.bad_epochs = 0
         self.stopped = False
         self.history: list[dict[str, Any]] = []
+
+    def _wrap_ddp(self) -> Any:
+        """DistributedDataParallel around the model for the training forward; ``self.model`` stays the
+        bare module, which is what is evaluated, saved (no ``module.`` prefix) and averaged by EMA."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.config.sync_bn:
+            from timm.layers import convert_sync_batchnorm
+
+            self.model = convert_sync_batchnorm(self.model)  # same parameter and buffer names
+        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     def _restore(self) -> None:
         from dermcam.checkpoints import join_state, read_metrics
@@ -318,25 +368,48 @@ class Trainer:
         """Batch ``b`` of the epoch: cache rows -> augmented, normalised tensors on the device."""
         import torch
 
-        from dermcam.augment import augment, batch_generator, normalize, resize, to_float
+        from dermcam.augment import apply_augment, batch_generator, draw_augment, normalize, resize, to_float
 
         cfg = self.config
         size = tuple(self.preprocessing["input_size"][-2:])
         picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        x = to_float(self.data.images[self.train_rows[picks]])
-        x = augment(x, size, batch_generator(cfg.seed, self.epoch, b)) if cfg.augment else resize(x, size)
+        mine = self.dist.shard(len(picks))  # this rank's slice of the global batch (all of it in one process)
+        x = to_float(self.data.images[self.train_rows[picks[mine]]])
+        if cfg.augment:  # drawn for the whole global batch, applied to this rank's slice
+            _, _, h, w = x.shape
+            draw = draw_augment(len(picks), w / h, batch_generator(cfg.seed, self.epoch, b))
+            x = apply_augment(x, size, draw[mine])
+        else:
+            x = resize(x, size)
         x = normalize(x, self.preprocessing["mean"], self.preprocessing["std"]).to(self.device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, torch.from_numpy(self.train_labels[picks]).to(self.device)
+        return x, torch.from_numpy(self.train_labels[picks[mine]]).to(self.device)
 
-    def forward_backward(self, x: Any, y: Any) -> float:
-        """Loss and gradients of one micro-batch (the bare model step that benchmarks compare with)."""
+    def loss_scale(self, order: np.ndarray, b: int) -> float:
+        """Factor that turns this rank's mean loss into its share of the global batch's mean loss.
+
+        The (class-weighted, label-smoothed) mean is a weighted sum over the batch divided by the sum
+        of its samples' class weights. A rank's mean times ``local weight sum / global weight sum`` is
+        its part of that global sum, and DDP's average over ``world_size`` ranks is undone by the
+        ``world_size`` factor: the gradients are those of one process on the whole batch. Every rank
+        knows the whole global batch, so no communication is needed; a single process gets 1.0.
+        """
+        picks = order[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+        local = float(self.sample_weights[picks[self.dist.shard(len(picks))]].sum())
+        return self.dist.world_size * local / float(self.sample_weights[picks].sum())
+
+    def forward_backward(self, x: Any, y: Any, scale: float = 1.0) -> float:
+        """Loss and gradients of one micro-batch (the bare model step that benchmarks compare with).
+
+        ``scale`` is :meth:`loss_scale` (distributed training only); the returned loss is unscaled.
+        """
         from dermcam.evaluation import autocast
 
         with autocast(self.device, self.precision):
-            loss = self.loss_fn(self.model(x).float(), y)
-        self.scaler.scale(loss / self.config.accumulate).backward()
+            loss = self.loss_fn(self.train_model(x).float(), y)
+        scaled = loss if scale == 1.0 else loss * scale
+        self.scaler.scale(scaled / self.config.accumulate).backward()
         return float(loss.detach())
 
     def train_one_epoch(self) -> float:
@@ -344,18 +417,25 @@ class Trainer:
         order = epoch_order(len(self.train_rows), self.train_labels, cfg.seed, self.epoch, cfg.balance,
                             len(self.classes))
         self.model.train()
+        if self.dist.enabled:
+            _seed_rank(cfg.seed, self.epoch, self.dist.rank)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, seen = 0.0, 0
         self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
         for b in range(self.batches_per_epoch):
             x, y = self.make_batch(order, b)
-            loss = self.forward_backward(x, y)
-            if (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch:
+            step = (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch
+            scale = self.loss_scale(order, b) if self.dist.enabled else 1.0
+            # Between optimizer steps DDP need not average gradients: they only accumulate locally.
+            with contextlib.nullcontext() if step or not self.dist.enabled else self.train_model.no_sync():
+                loss = self.forward_backward(x, y, scale)
+            if step:
                 self._optimizer_step()
-            total_loss += loss * len(y)
+            total_loss += loss * scale * len(y)
             seen += len(y)
             self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
         self.progress.finish()
+        total_loss, seen = self.dist.all_reduce_sum([total_loss, seen])
         return total_loss / max(1, seen)
 
     def eval_model(self) -> Any:
@@ -376,11 +456,13 @@ class Trainer:
         from dermcam.evaluation import predict
         from dermcam.metrics import compute_metrics, cross_entropy
 
-        probs = predict(self.eval_model(), self.data.images, self.val_rows,
+        part = self.dist.shard(len(self.val_rows))  # each rank predicts its shard, all get every row
+        probs = predict(self.eval_model(), self.data.images, self.val_rows[part],
                         input_size=self.preprocessing["input_size"], mean=self.preprocessing["mean"],
                         std=self.preprocessing["std"], device=self.device, precision=self.precision,
                         batch_size=max(32, self.config.batch_size), channels_last=self.config.channels_last,
                         progress=self.progress, description="validate")
+        probs = self.dist.all_gather_rows(probs.reshape(-1, len(self.classes)), len(self.val_rows))
         metrics = compute_metrics(self.val_labels, probs, self.classes)
         metrics["loss"] = cross_entropy(self.val_labels, probs)
         return metrics
@@ -413,6 +495,7 @@ class Trainer:
             "config": dataclasses.asdict(cfg), "step": self.step,
             "dataset": {"name": self.data.name, "fingerprint": self.data.fingerprint},
             "pretrained": self.pretrained, "precision": self.precision, "device": self.device.type,
+            "world_size": self.dist.world_size,  # information only: the state does not depend on it
         }
         with store_lock("store", shared=True, root=self.root):
             ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=self.eval_model().state_dict(),
@@ -427,7 +510,8 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({f"val_{k}": v for k, v in metrics.items() if k != "confusion_matrix"})
         self.history.append(record)
-        append_metrics(self.run_dir, record)
+        if self.dist.is_main:
+            append_metrics(self.run_dir, record)
 
     def _update_best(self, value: float) -> None:
         improved = self.best is None or (value < self.best["value"] if monitor_mode(self.config.monitor) == "min"
@@ -441,28 +525,33 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         from dermcam.checkpoints import create_run, update_run
-        from dermcam.store import store_lock
+        from dermcam.store import runs_dir, store_lock
 
         started = time.monotonic()
+        main = self.dist.is_main
         self._open_run()
         self.build()
-        if not self.resume:
-            self.run_dir = create_run(dataclasses.asdict(self.config), self.root)
+        if not self.resume:  # rank 0 creates the run; the others learn its id
+            created = create_run(dataclasses.asdict(self.config), self.root) if main else None
+            run_id = self.dist.broadcast_str(created.name if created else "")
+            self.run_dir = created or runs_dir(self.root) / run_id
         self.run_id = self.run_dir.name
-        with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root):
+        with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root) if main else contextlib.nullcontext():
             self._restore()
             resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
             if resumed_from:
                 self.epoch += 1
                 self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
-            update_run(self.run_dir, status="running")
+            if main:
+                update_run(self.run_dir, status="running")
             while self.epoch < self.config.epochs and not self.stopped:
                 t0 = time.monotonic()
                 train_loss = self.train_one_epoch()
                 metrics = self.validate()
-                self._update_best(self._monitor_value(metrics))
+                self._update_best(self.dist.broadcast_float(self._monitor_value(metrics)))
                 self._record_epoch(metrics, train_loss, time.monotonic() - t0)
-                self._save(metrics, train_loss)
+                if main:
+                    self._save(metrics, train_loss)
                 self.progress.log(
                     f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
                     f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
@@ -470,8 +559,9 @@ class Trainer:
                 self.epoch += 1
             result = self._finish(resumed_from)
         result.seconds = time.monotonic() - started
-        update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
-                   stopped_early=result.stopped_early)
+        if main:
+            update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
+                       stopped_early=result.stopped_early)
         return result
 
     def _finish(self, resumed_from: str | None) -> TrainResult:
@@ -481,7 +571,7 @@ class Trainer:
 
         report_dir = self.run_dir / "report"
         test_metrics, files = None, []
-        if self.best is not None:
+        if self.best is not None and self.dist.is_main:
             result = evaluate(self.best["id"], split="test", device=self.config.device,
                               precision=self.config.precision, out_dir=report_dir, root=self.root,
                               progress=self.progress)
@@ -498,8 +588,12 @@ class Trainer:
 
 def train(config: TrainConfig, *, resume: bool = False, run: str | None = None, root: Path | None = None,
           progress: Progress | None = None) -> TrainResult:
-    """Train one configuration (or resume a run) to the end; see :class:`Trainer`."""
-    return Trainer(config, root=root, progress=progress, resume=resume, run=run).fit()
+    """Train one configuration (or resume a run) to the end; see :class:`Trainer`.
+
+    Under torchrun this process joins the job's process group (see :mod:`dermcam.distributed`).
+    """
+    with distributed.session(config.device):
+        return Trainer(config, root=root, progress=progress, resume=resume, run=run).fit()
 
 
 def expand_grid(base: TrainConfig, **choices: list[Any]) -> list[TrainConfig]:
@@ -536,7 +630,8 @@ def load_experiments(path: Path, base: TrainConfig) -> list[TrainConfig]:
 def train_many(configs: list[TrainConfig], *, root: Path | None = None,
                progress: Progress | None = None) -> list[TrainResult]:
     """Each configuration becomes a run; compare them with :func:`best_result`."""
-    return [train(cfg, root=root, progress=progress) for cfg in configs]
+    with distributed.session(configs[0].device if configs else "auto"):
+        return [train(cfg, root=root, progress=progress) for cfg in configs]
 
 
 def best_result(results: list[TrainResult]) -> TrainResult | None:
