@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,38 @@ def ham10000_lite() -> Path:
     if not (SHARED_LITE / "HAM10000_metadata.csv").exists():
         pytest.skip("../shared/data/ham10000-lite is not present")
     return SHARED_LITE
+
+
+@pytest.fixture(scope="session")
+def prepared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding one prepared synthetic data set ("synth"), built once per test session."""
+    from dermcam.data import prepare
+    from dermcam.synthetic import write_synthetic_ham10000
+
+    base = tmp_path_factory.mktemp("prepared")
+    src = write_synthetic_ham10000(base / "synth", n_lesions_per_class=12, images_per_lesion=(1, 2), seed=1)
+    store = base / "store"
+    prepare(src, name="synth", cache_size=(64, 48), root=store)
+    return store
+
+
+@pytest.fixture
+def home(prepared_store: Path, dermcam_home: Path) -> Path:
+    """This test's DERMCAM_HOME with the prepared synthetic set copied in."""
+    shutil.copytree(prepared_store / "datasets", dermcam_home / "datasets")
+    return dermcam_home
+
+
+def run_json(runner, args: list[str]) -> object:
+    """Invoke the CLI, require success, parse its JSON output."""
+    from dermcam.cli import app
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def weights_of(run_dir: Path, epoch: int) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / f"epoch-{epoch:04d}.safetensors"))

@@ -22,7 +22,7 @@ import torch
 from dermcam.cli import app
 from dermcam.distributed import DistContext
 from dermcam.errors import BadInputError
-from test_train import home, prepared_store, run_json, weights_of  # noqa: F401  (fixtures)
+from conftest import run_json, weights_of
 
 TINY = ["--backbone", "test_convnext", "--pretrained", "none", "--image-size", "32", "--batch-size", "8",
         "--data", "synth", "--precision", "fp32"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,41 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_json, weights_of
 from dermcam.cli import app
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "48", "--batch-size", "16",
         "--data", "synth"]
-
-
-@pytest.fixture(scope="session")
-def prepared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding one prepared synthetic data set, built once and copied into each test's home."""
-    from dermcam.data import prepare
-    from dermcam.synthetic import write_synthetic_ham10000
-
-    base = tmp_path_factory.mktemp("prepared")
-    src = write_synthetic_ham10000(base / "synth", n_lesions_per_class=12, images_per_lesion=(1, 2), seed=1)
-    store = base / "store"
-    prepare(src, name="synth", cache_size=(64, 48), root=store)
-    return store
-
-
-@pytest.fixture
-def home(prepared_store: Path, dermcam_home: Path) -> Path:
-    shutil.copytree(prepared_store / "datasets", dermcam_home / "datasets")
-    return dermcam_home
-
-
-def run_json(runner, args: list[str]) -> object:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def weights_of(run_dir: Path, epoch: int) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(run_dir / f"epoch-{epoch:04d}.safetensors"))
 
 
 def test_train_writes_checkpoints_metrics_and_report(runner, home: Path) -> None:

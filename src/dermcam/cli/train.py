@@ -15,18 +15,18 @@ GRID = "Repeat to compare configurations (each combination becomes a run)"
 
 @handle_errors
 def train_command(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prepared data set name [default: the latest prepared]."),
-    backbone: list[str] = typer.Option([], "--backbone", "-b", help=f"Any timm model name [default: convnext_tiny]. {GRID}."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Prepared data set name (default: the latest prepared)."),
+    backbone: list[str] = typer.Option([], "--backbone", "-b", help=f"Any timm model name (default: convnext_tiny). {GRID}."),
     pretrained: str = typer.Option("auto", help="auto | hub | none | PATH to a .safetensors / state-dict file."),
     epochs: int = typer.Option(12, help="Training epochs (the cosine schedule spans all of them)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    lr: list[float] = typer.Option([], "--lr", help=f"Backbone learning rate [default: 3e-4]; the new head gets 10x. {GRID}."),
+    lr: list[float] = typer.Option([], "--lr", help=f"Backbone learning rate (default: 3e-4); the new head gets 10x. {GRID}."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on norms and biases)."),
     warmup_epochs: float = typer.Option(1.0, help="Linear warmup before the cosine decay."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the cross-entropy loss."),
     balance: str = typer.Option("loss", help="Class imbalance: loss (weighted loss) | sampler (balanced sampling) | none."),
     augment: bool = typer.Option(True, help="Dermoscopy augmentations: any rotation, flips, mild zoom and colour jitter."),
-    image_size: list[int] = typer.Option([], "--image-size", help=f"Model input side in pixels [default: the backbone's]. {GRID}."),
+    image_size: list[int] = typer.Option([], "--image-size", help=f"Model input side in pixels (default: the backbone's). {GRID}."),
     accumulate: int = typer.Option(1, help="Gradient accumulation steps (effective batch = batch size x this)."),
     ema: bool = typer.Option(False, help="Keep an exponential moving average of the weights and evaluate/save it."),
     patience: int = typer.Option(5, help="Early stopping: epochs without improvement of --monitor."),
@@ -34,7 +34,8 @@ def train_command(
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware supports it) | bf16 | fp16 | fp32."),
     channels_last: bool = typer.Option(True, help="channels_last memory format (faster convolutions)."),
-    seed: list[int] = typer.Option([], "--seed", help=f"Random seed [default: 0]. {GRID}."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun on CUDA: synchronise BatchNorm statistics across processes."),
+    seed: list[int] = typer.Option([], "--seed", help=f"Random seed (default: 0). {GRID}."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of configurations: shared keys + [[run]] tables."),
     resume: bool = typer.Option(False, "--resume", help="Continue the latest run (or --run ID) exactly where it stopped."),
     run: Optional[str] = typer.Option(None, "--run", help="With --resume: the run id (or a unique prefix) to continue."),
@@ -52,7 +53,8 @@ def train_command(
     base = TrainConfig(dataset=data, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
                        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                        balance=balance, augment=augment, accumulate=accumulate, ema=ema, patience=patience,
-                       monitor=monitor, device=device, precision=precision, channels_last=channels_last)
+                       monitor=monitor, device=device, precision=precision, channels_last=channels_last,
+                       sync_bn=sync_bn)
     with rich_progress() as progress:
         if resume:
             results = [train(base, resume=True, run=run, progress=progress)]
@@ -126,11 +128,11 @@ def _print_comparison(results: list[Any], best: Any) -> None:
 
 @handle_errors
 def evaluate_command(
-    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, exported file [default: best]."),
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, exported file (default: best)."),
     split: str = typer.Option("test", help="train | val | test."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set [default: the one it was trained on]."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the one it was trained on)."),
     tta: bool = typer.Option(False, help="Average predictions over flips (as explain --tta does)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder [default: no files, print only]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: no files, print only)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
     json_output: bool = JSON_OPTION,
