@@ -122,5 +122,6 @@ def _color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def flips(x: torch.Tensor) -> list[torch.Tensor]:
-    """The test-time-augmentation views: identity, horizontal flip, vertical flip."""
-    return [x, torch.flip(x, dims=[-1]), torch.flip(x, dims=[-2])]
+    """The test-time-augmentation views, the same four as ``explain --tta``: none, horizontal,
+    vertical, both (a closed set, so the TTA prediction of a flipped image equals the original's)."""
+    return [x, torch.flip(x, dims=[-1]), torch.flip(x, dims=[-2]), torch.flip(x, dims=[-2, -1])]

@@ -131,7 +131,7 @@ def evaluate_command(
     checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, exported file (default: best)."),
     split: str = typer.Option("test", help="train | val | test."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the one it was trained on)."),
-    tta: bool = typer.Option(False, help="Average predictions over flips (as explain --tta does)."),
+    tta: bool = typer.Option(False, help="Average predictions over the four flips (as explain --tta does)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: no files, print only)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
