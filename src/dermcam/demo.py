@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from dermcam.errors import NotFoundError
 from dermcam.progress import Progress
+from dermcam.synthetic import write_synthetic_ham10000
 
 DEMO_DATASET = "demo"
 DEMO_TRAIN = {"backbone": "efficientnet_lite0", "epochs": 4, "image_size": 128, "batch_size": 16,
@@ -91,7 +92,6 @@ def run_demo(out_dir: Path = Path("dermcam-demo"), *, observer: DemoObserver,
     from dermcam.ckpt import list_checkpoint_rows
     from dermcam.data import load_prepared, prepare
     from dermcam.explain import explain
-    from dermcam.synthetic import write_synthetic_ham10000
     from dermcam.training import TrainConfig
 
     started = time.monotonic()

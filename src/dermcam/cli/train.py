@@ -20,7 +20,8 @@ def train_command(
     pretrained: str = typer.Option("auto", help="auto | hub | none | PATH to a .safetensors / state-dict file."),
     epochs: int = typer.Option(12, help="Training epochs (the cosine schedule spans all of them)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    lr: list[float] = typer.Option([], "--lr", help=f"Backbone learning rate (default: 3e-4); the new head gets 10x. {GRID}."),
+    lr: list[float] = typer.Option([], "--lr", help=f"Learning rate (default: 3e-4). {GRID}."),
+    head_lr_scale: float = typer.Option(1.0, help="The new classifier head learns at this multiple of --lr."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on norms and biases)."),
     warmup_epochs: float = typer.Option(1.0, help="Linear warmup before the cosine decay."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the cross-entropy loss."),
@@ -50,7 +51,7 @@ def train_command(
     from dermcam.progress import rich_progress
     from dermcam.training import TrainConfig, best_result, expand_grid, load_experiments, train, train_many
 
-    base = TrainConfig(dataset=data, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
+    base = TrainConfig(dataset=data, pretrained=pretrained, head_lr_scale=head_lr_scale, epochs=epochs, batch_size=batch_size,
                        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                        balance=balance, augment=augment, accumulate=accumulate, ema=ema, patience=patience,
                        monitor=monitor, device=device, precision=precision, channels_last=channels_last,
