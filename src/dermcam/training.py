@@ -154,6 +154,30 @@ def _seed_rank(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed((seed * 7919 + epoch) * 65_537 + rank + 1)
 
 
+class WeightedCrossEntropy:
+    """Label-smoothed cross-entropy where each sample counts with its class weight.
+
+    ``torch.nn.CrossEntropyLoss(weight=..., label_smoothing=...)`` also weights the smoothing term of
+    every sample by the weights of the *other* classes, which inflates the loss of frequent classes'
+    samples by the rare classes' weights. Here the smoothed per-sample loss is multiplied by the
+    weight of the sample's own class and normalised by the batch's weight sum, so the weighted loss is
+    a plain weighted mean (what distributed training's loss scaling assumes).
+    """
+
+    def __init__(self, class_weights: Any | None, label_smoothing: float) -> None:
+        self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, logits: Any, target: Any) -> Any:
+        import torch.nn.functional as F
+
+        per_sample = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
+        if self.class_weights is None:
+            return per_sample.mean()
+        weights = self.class_weights[target]
+        return (per_sample * weights).sum() / weights.sum()
+
+
 class EMA:
     """Exponential moving average of the model's weights (float tensors; buffers copied)."""
 
@@ -175,8 +199,8 @@ class EMA:
 def param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
     """Backbone at ``lr``, the new head at ``lr * head_lr_scale``; no weight decay on norms and biases.
 
-    The default scale is 1: with AdamW every weight moves about ``lr`` per step whatever its gradient,
-    and a 10x head rate made the first epoch unstable on HAM10000 (see docs/results.md).
+    The default scale is 1: with AdamW every weight moves about ``lr`` per step whatever the size of
+    its gradient, so a fresh head does not need a larger rate to keep up.
     """
     head_ids = {id(p) for p in model.get_classifier().parameters()}
     groups: dict[tuple[bool, bool], list[Any]] = {}
@@ -299,9 +323,8 @@ class Trainer:
         if self.dist.enabled and len(self.train_rows) < cfg.batch_size:
             raise BadInputError(f"the train split has {len(self.train_rows)} images, fewer than --batch-size "
                                 f"{cfg.batch_size}; every process needs its share of a full batch")
-        self.loss_fn = torch.nn.CrossEntropyLoss(
-            weight=None if weights is None else torch.from_numpy(weights).to(self.device),
-            label_smoothing=cfg.label_smoothing)
+        self.loss_fn = WeightedCrossEntropy(None if weights is None else torch.from_numpy(weights).to(self.device),
+                                            cfg.label_smoothing)
         n = len(self.train_rows)
         self.batches_per_epoch = max(1, n // cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
