@@ -50,6 +50,23 @@ def test_train_writes_checkpoints_metrics_and_report(runner, home: Path) -> None
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
+def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: Path) -> None:
+    args = [a for a in TINY if a not in ("--image-size", "48")]
+    [result] = run_json(runner, ["train", *args, "--image-size", "64x48", "--epochs", "1", "--json"])
+    sidecar = json.loads((Path(result["run_dir"]) / "epoch-0000.json").read_text())
+    assert sidecar["preprocessing"]["input_size"] == [3, 48, 64]
+    image = next((home / "datasets").rglob("*.npy"))
+    from PIL import Image
+
+    frame = Image.fromarray(np.load(image, mmap_mode="r")[0].copy())
+    frame.save(tmp_path / "lesion.png")
+    explained = runner.invoke(app, ["explain", str(tmp_path / "lesion.png"), "-o", str(tmp_path / "out"), "--json"])
+    assert explained.exit_code == 0, explained.output
+    assert (tmp_path / "out" / "lesion.cam.png").is_file()
+    bad = runner.invoke(app, ["train", *args, "--image-size", "64by48"])
+    assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
+
+
 def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch) -> None:
     from dermcam import training
 

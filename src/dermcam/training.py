@@ -50,7 +50,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "loss"
     augment: bool = True
-    image_size: int | None = None
+    image_size: int | str | None = None  # 192 (square) or "192x144" (WIDTHxHEIGHT)
     accumulate: int = 1
     ema: bool = False
     ema_decay: float = 0.998
@@ -72,7 +72,8 @@ class TrainConfig:
             (self.monitor in MONITORS or self.monitor.startswith("val_recall_"),
              f"--monitor must be one of {', '.join(MONITORS)} or val_recall_<class>"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (self.image_size is None or self.image_size >= 32, "--image-size must be at least 32"),
+            (self.image_size is None or min(parse_image_size(self.image_size)) >= 32,
+             "--image-size must be at least 32 pixels on each side"),
             (0 < self.ema_decay < 1, "--ema-decay must be in (0, 1)"),
         ]
         for ok, message in checks:
@@ -102,6 +103,19 @@ class TrainResult:
     resumed_from: str | None = None
     seconds: float = 0.0
     pretrained: dict[str, Any] | None = None
+
+
+def parse_image_size(value: int | str) -> tuple[int, int]:
+    """(height, width) from ``192`` (square) or ``"192x144"`` (width x height, like the cache size).
+
+    A non-square input keeps HAM10000's 4:3 images undistorted for the same cost as a smaller square.
+    """
+    text = str(value).lower().strip()
+    parts = text.split("x")
+    if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 2):
+        raise BadInputError(f"--image-size '{value}' must be a number (192) or WIDTHxHEIGHT (192x144)")
+    width, height = (int(parts[0]), int(parts[-1]))
+    return height, width
 
 
 def monitor_mode(name: str) -> str:
@@ -302,8 +316,8 @@ class Trainer:
             self.model = build_model(cfg.backbone, len(self.classes))
             self.pretrained = self.resume_ckpt.sidecar.get("pretrained")
         dc = data_config(self.model)
-        size = cfg.image_size or int(dc["input_size"][-1])
-        self.preprocessing = {"input_size": [3, size, size], "mean": list(dc["mean"]), "std": list(dc["std"]),
+        height, width = parse_image_size(cfg.image_size) if cfg.image_size else dc["input_size"][-2:]
+        self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]), "std": list(dc["std"]),
                               "interpolation": "bilinear", "resize": "whole image (no crop)"}
         self.model.to(self.device)
         if cfg.channels_last:

@@ -27,7 +27,7 @@ def train_command(
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the cross-entropy loss."),
     balance: str = typer.Option("loss", help="Class imbalance: loss (weighted loss) | sampler (balanced sampling) | none."),
     augment: bool = typer.Option(True, help="Dermoscopy augmentations: any rotation, flips, mild zoom and colour jitter."),
-    image_size: list[int] = typer.Option([], "--image-size", help=f"Model input side in pixels (default: the backbone's). {GRID}."),
+    image_size: list[str] = typer.Option([], "--image-size", help=f"Model input: 192 (square) or WIDTHxHEIGHT such as 192x144 for 4:3 images (default: the backbone's). {GRID}."),
     accumulate: int = typer.Option(1, help="Gradient accumulation steps (effective batch = batch size x this)."),
     ema: bool = typer.Option(False, help="Keep an exponential moving average of the weights and evaluate/save it."),
     patience: int = typer.Option(5, help="Early stopping: epochs without improvement of --monitor."),
@@ -61,7 +61,8 @@ def train_command(
             results = [train(base, resume=True, run=run, progress=progress)]
         else:
             configs = load_experiments(config, base) if config else expand_grid(
-                base, backbone=backbone, lr=lr, image_size=image_size, seed=seed)
+                base, backbone=backbone, lr=lr, seed=seed,
+                image_size=[int(v) if v.isdigit() else v for v in image_size])
             for cfg in configs:
                 cfg.validate()
             results = train_many(configs, progress=progress)
