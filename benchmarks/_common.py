@@ -19,10 +19,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     import torch
 
+    from dermcam.models import cpu_supports_bf16
+
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(), "native_bf16": cpu_supports_bf16(), "load_average": os.getloadavg(),
             "threads": torch.get_num_threads(), "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

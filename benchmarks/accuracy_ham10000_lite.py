@@ -1,6 +1,6 @@
 """Accuracy within a CPU time budget on the real HAM10000-lite copy (the issue's acceptance recipe).
 
-    python benchmarks/accuracy_ham10000_lite.py [--image-size 160] [--epochs 14] [--lr 5e-4] [--head-lr-scale 1]
+    python benchmarks/accuracy_ham10000_lite.py [--image-size 192x144] [--epochs 14] [--lr 5e-4] [--head-lr-scale 1]
 
 Prepares ../shared/data/ham10000-lite (lesion-grouped 70/15/15 split, seed 0) in a store of its own
 (--home, default /tmp/dermcam-accuracy), trains efficientnet_lite0 from the offline ImageNet weights
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path("/tmp/dermcam-accuracy"))
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--image-size", default="192x144", help="192 (square) or WIDTHxHEIGHT")
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--head-lr-scale", type=float, default=1.0)

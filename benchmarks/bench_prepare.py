@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _common import LITE, report
+from _common import LITE, peak_rss_mib, report
 from PIL import Image
 
 from dermcam.data import decode_image, load_prepared, prepare
@@ -116,7 +116,7 @@ def main() -> None:
         rows.append({"measure": f"epoch of {len(order)} train images, uint8 cache (mmap)", "seconds": cache_s,
                      "images/s": len(order) / cache_s, "speedup": jpeg_s / cache_s})
     report("bench_prepare", rows, {"images": n, "cache_size": list(SIZE), "repeat": args.repeat,
-                                   "load_average": os.getloadavg()})
+                                   "load_average": os.getloadavg(), "peak_rss_mib": peak_rss_mib()})
 
 
 if __name__ == "__main__":
