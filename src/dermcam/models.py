@@ -71,9 +71,25 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "auto", *,
         return model, {"source": "none", "dropped_keys": [], "missing_keys": []}
     state_dict, source = resolve_pretrained(backbone, pretrained, model)
     dropped, missing = apply_state_dict(model, state_dict, describe=source)
+    if dropped:
+        zero_classifier(model)
     progress.log(f"{backbone}: pretrained weights from {source}"
                  + (f" (new {num_classes}-class head)" if dropped else ""))
     return model, {"source": source, "dropped_keys": dropped, "missing_keys": missing}
+
+
+def zero_classifier(model: torch.nn.Module) -> None:
+    """Start a new head on pretrained features at zero: every class at equal odds, loss ln(K).
+
+    timm initialises some heads for their original class count (EfficientNet's range is 1/sqrt(fan_out),
+    so a 3-class head starts ~18x larger than the 1000-class one): its first logits are huge, the
+    first epoch's loss starts near 6, and the large early gradients disturb the pretrained backbone.
+    """
+    import torch
+
+    head = model.get_classifier()
+    for param in head.parameters() if isinstance(head, torch.nn.Module) else []:
+        torch.nn.init.zeros_(param)
 
 
 def data_config(model_or_backbone: torch.nn.Module | str) -> dict:
