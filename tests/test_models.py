@@ -99,6 +99,11 @@ def test_pretrained_path_safetensors_drops_mismatched_head_and_strips_prefix(tmp
     for key, tensor in _head_free(source, "fc").items():
         assert torch.equal(loaded[key], tensor), key
     assert loaded["fc.weight"].shape == (3, source["fc.weight"].shape[1])
+    # A new head on pretrained features starts at zero: equal odds for every class, loss ln(3).
+    assert not loaded["fc.weight"].any() and not loaded["fc.bias"].any()
+    logits = model.eval()(torch.randn(2, 3, 64, 64))
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])),
+                          torch.log(torch.tensor(3.0)))
 
 
 def test_pretrained_path_pth_with_matching_head_keeps_it(tmp_path: Path) -> None:
