@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", default="224", help="224 (square) or WIDTHxHEIGHT such as 192x144")
     parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
     parser.add_argument("--home", type=Path, help="a store that already holds --data (skips prepare)")
     parser.add_argument("--data", default="ham10000-lite")
@@ -48,7 +48,8 @@ def main() -> None:
     rows = []
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(dataset=args.data, backbone=args.backbone, pretrained="none", batch_size=args.batch_size,
-                          image_size=args.image_size, precision=precision)
+                          image_size=int(args.image_size) if args.image_size.isdigit() else args.image_size,
+                          precision=precision)
         trainer = Trainer(cfg)
         trainer.build()
         trainer.model.train()
