@@ -45,8 +45,8 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.json$")
 # Small helpers
 
 
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def utc_now(timespec: str = "seconds") -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -277,7 +277,7 @@ def list_runs(root: Path | None = None) -> list[Path]:
     if not base.is_dir():
         return []
     return sorted((p for p in base.iterdir() if p.is_dir() and (p / "run.json").is_file()),
-                  key=lambda p: read_run(p).get("created", ""))
+                  key=lambda p: (read_run(p).get("created", ""), p.name))
 
 
 def list_checkpoints(root: Path | None = None, run: str | None = None) -> list[Checkpoint]:
@@ -338,7 +338,8 @@ def create_run(config: dict[str, Any], root: Path | None = None, run_id: str | N
     run_id = run_id or new_run_id()
     path = runs_dir(root) / run_id
     path.mkdir(parents=True, exist_ok=False)
-    atomic_write_json(path / "run.json", {"schema": RUN_SCHEMA, "run_id": run_id, "created": utc_now(),
+    # Microseconds: runs created in the same second (a comparison of configurations) keep their order.
+    atomic_write_json(path / "run.json", {"schema": RUN_SCHEMA, "run_id": run_id, "created": utc_now("microseconds"),
                                           "status": "running", "config": config, "resume_from": None})
     return path
 
