@@ -51,7 +51,7 @@ def report(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None =
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})},
-                               indent=2) + "\n")
+                               indent=2, default=str) + "\n")
     print(f"\nwritten {path}")
     return path
 
