@@ -67,10 +67,12 @@ def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: P
     assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
 
 
-def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("extra", [[], ["--ema", "--ema-decay", "0.9", "--accumulate", "2", "--balance", "sampler"]],
+                         ids=["plain", "ema-accumulate-sampler"])
+def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch, extra: list[str]) -> None:
     from dermcam import training
 
-    args = ["train", *TINY, "--epochs", "3", "--json"]
+    args = ["train", *TINY, *extra, "--epochs", "3", "--json"]
     [straight] = run_json(runner, args)
 
     original_save = training.Trainer._save

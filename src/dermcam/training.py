@@ -539,7 +539,8 @@ class Trainer:
             "world_size": self.dist.world_size,  # information only: the state does not depend on it
         }
         with store_lock("store", shared=True, root=self.root):
-            ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=self.eval_model().state_dict(),
+            weights = self.ema.state if self.ema is not None else self.model.state_dict()  # what eval_model() holds
+            ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=weights,
                                    sidecar=sidecar, train_state=train_state)
             update_run(self.run_dir, resume_from=ckpt.id)
         return ckpt

@@ -30,6 +30,7 @@ def train_command(
     image_size: list[str] = typer.Option([], "--image-size", help=f"Model input: 192 (square) or WIDTHxHEIGHT such as 192x144 for 4:3 images (default: the backbone's). {GRID}."),
     accumulate: int = typer.Option(1, help="Gradient accumulation steps (effective batch = batch size x this)."),
     ema: bool = typer.Option(False, help="Keep an exponential moving average of the weights and evaluate/save it."),
+    ema_decay: float = typer.Option(0.998, help="EMA decay per optimizer step (with --ema)."),
     patience: int = typer.Option(5, help="Early stopping: epochs without improvement of --monitor."),
     monitor: str = typer.Option("val_balanced_accuracy", help="Metric that selects the best checkpoint."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
@@ -53,7 +54,7 @@ def train_command(
 
     base = TrainConfig(dataset=data, pretrained=pretrained, head_lr_scale=head_lr_scale, epochs=epochs, batch_size=batch_size,
                        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                       balance=balance, augment=augment, accumulate=accumulate, ema=ema, patience=patience,
+                       balance=balance, augment=augment, accumulate=accumulate, ema=ema, ema_decay=ema_decay, patience=patience,
                        monitor=monitor, device=device, precision=precision, channels_last=channels_last,
                        sync_bn=sync_bn)
     with rich_progress() as progress:
