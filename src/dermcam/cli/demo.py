@@ -59,7 +59,7 @@ def demo_command(
                   f"{os.path.relpath(train_result.run_dir / 'report')}/", highlight=False)
     console.print("\nNext, on the real data (Kaggle's HAM10000 folder, see README):\n"
                   "  dermcam prepare ./ham10000\n"
-                  "  dermcam train --backbone efficientnet_lite0 --image-size 192\n"
+                  "  dermcam train --backbone efficientnet_lite0 --image-size 192x144 --epochs 14 --lr 5e-4\n"
                   "  dermcam explain lesion.jpg", highlight=False)
 
 
