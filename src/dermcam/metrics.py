@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-HEADLINE = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
