@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 
-
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """All metrics for predictions ``probs`` (N, K) against integer labels ``y_true`` (N,).
 
