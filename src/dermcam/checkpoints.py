@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from dermcam import __version__
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
-from dermcam.store import (atomic_path, atomic_write_json, leftover_temporaries, read_json, runs_dir)
+from dermcam.store import (atomic_path, atomic_write_bytes, atomic_write_json, leftover_temporaries, read_json,
+                           runs_dir)
 
 if TYPE_CHECKING:
     import torch
@@ -401,8 +402,6 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     lines = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch") != record.get("epoch")]
     lines.append(json.dumps(record, default=str))
-    from dermcam.store import atomic_write_bytes
-
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -505,13 +504,10 @@ def preprocess(image: Any, preprocessing: Mapping[str, Any]) -> torch.Tensor:
     centred, and training's validation path does the same.
     """
     import numpy as np
-    import torch
-    import torch.nn.functional as F
+
+    from dermcam.augment import normalize, resize, to_float
 
     _, height, width = preprocessing["input_size"]
-    array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy for torch
-    x = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0]
+    array = np.array(image.convert("RGB"), dtype=np.uint8)[None]  # a writable copy for torch
+    x = resize(to_float(array), (height, width))
+    return normalize(x, preprocessing["mean"], preprocessing["std"])[0]
