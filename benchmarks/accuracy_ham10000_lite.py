@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--head-lr-scale", type=float, default=1.0)
+    parser.add_argument("--freeze", type=int, default=0, help="freeze the stem and this many first stages")
+    parser.add_argument("--ema", action="store_true", help="validate and save an EMA of the weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--balance", default="loss")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,24 +51,27 @@ def main() -> None:
         config = TrainConfig(dataset="ham10000-lite", backbone=args.backbone, pretrained="auto",
                              image_size=args.image_size, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, balance=args.balance, seed=args.seed, patience=99,
-                             head_lr_scale=args.head_lr_scale)
+                             head_lr_scale=args.head_lr_scale, freeze=args.freeze, ema=args.ema)
         result = train(config, progress=progress)
         done = time.monotonic()
         tta = evaluate(result.best_id, split="test", tta=True, progress=progress).metrics
     tta_seconds = time.monotonic() - done
     test = result.test_metrics or {}
     row = {"backbone": args.backbone, "size": args.image_size, "epochs": result.epochs_done, "lr": args.lr,
+           "freeze": args.freeze, "ema": args.ema,
            "balance": args.balance, "best": result.best_id, "test_bal_acc": test.get("balanced_accuracy"),
            "test_mel_recall": test.get("recall_mel"), "test_macro_f1": test.get("macro_f1"),
            "test_auc": test.get("auc_macro"), "test_acc": test.get("accuracy"),
            "tta_bal_acc": tta["balanced_accuracy"], "tta_mel_recall": tta["recall_mel"],
            "tta_auc": tta["auc_macro"], "tta_eval_s": tta_seconds,
            "train_min": (done - prepared) / 60, "total_min": (done - start) / 60, "peak_rss_mib": peak_rss_mib()}
+    recipe = f"{args.backbone}_{args.image_size}" + (f"_freeze{args.freeze}" if args.freeze else "") + (
+        "_ema" if args.ema else "")
     DOCS_RESULTS.mkdir(parents=True, exist_ok=True)
     for path in result.report_files:
         if path.suffix == ".png":
-            shutil.copy(path, DOCS_RESULTS / f"{args.backbone}_{args.image_size}_{path.name}")
-    report(f"accuracy_ham10000_lite_{args.backbone}_{args.image_size}", [row],
+            shutil.copy(path, DOCS_RESULTS / f"{recipe}_{path.name}")
+    report(f"accuracy_ham10000_lite_{recipe}", [row],
            {"test_metrics": test, "test_metrics_tta": tta, "pretrained": result.pretrained, "config": vars(args),
             "run_id": result.run_id})
 

@@ -26,7 +26,8 @@ import pandas as pd
 from _common import LITE, peak_rss_mib, report
 from PIL import Image
 
-from dermcam.data import decode_image, load_prepared, prepare
+from dermcam.data import load_prepared, prepare
+from dermcam.images import decode_image
 
 SIZE = (256, 192)
 

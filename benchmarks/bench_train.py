@@ -1,11 +1,12 @@
 """Training throughput: the full loop (cache read + augmentation + step) vs the bare model step.
 
-    python benchmarks/bench_train.py [--backbone efficientnet_lite0] [--batches 6]
+    python benchmarks/bench_train.py [--backbone efficientnet_lite0] [--batches 6] [--freeze 0 2 3] [--precision fp32]
 
 Prepares ../shared/data/ham10000-lite into a temporary store (or uses --home with a prepared set),
 then for fp32 and bf16 times (a) the bare step: forward, backward and AdamW step on one fixed batch,
 and (b) the loop step: the same plus reading a fresh batch from the image cache and augmenting it.
-The data pipeline is fine when (b) reaches >= 90% of (a).
+The data pipeline is fine when (b) reaches >= 90% of (a). --freeze N measures `dermcam train --freeze N`
+(the stem and the first N stages frozen: no backward pass through them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
     parser.add_argument("--home", type=Path, help="a store that already holds --data (skips prepare)")
     parser.add_argument("--data", default="ham10000-lite")
+    parser.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen stages, one row per value")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = parser.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="dermcam-bench-"))
@@ -46,8 +49,8 @@ def main() -> None:
         print(f"preparing {LITE} into {home} ...")
         prepare(LITE, name=args.data)
     rows = []
-    for precision in ("fp32", "bf16"):
-        cfg = TrainConfig(dataset=args.data, backbone=args.backbone, pretrained="none", batch_size=args.batch_size,
+    for precision, freeze in ((p, f) for f in args.freeze for p in args.precision):
+        cfg = TrainConfig(freeze=freeze, dataset=args.data, backbone=args.backbone, pretrained="none", batch_size=args.batch_size,
                           image_size=int(args.image_size) if args.image_size.isdigit() else args.image_size,
                           precision=precision)
         trainer = Trainer(cfg)
@@ -71,10 +74,11 @@ def main() -> None:
 
         t_bare, t_loop, t_data = timed(bare, args.batches), timed(loop, args.batches), timed(data_only, args.batches)
         rows.append({"backbone": args.backbone, "precision": precision, "batch": args.batch_size,
-                     "size": args.image_size, "bare_img_s": args.batch_size / t_bare,
+                     "size": args.image_size, "freeze": freeze, "bare_img_s": args.batch_size / t_bare,
                      "loop_img_s": args.batch_size / t_loop, "loop_vs_bare": t_bare / t_loop,
                      "data_ms_per_batch": t_data * 1000, "peak_rss_mib": peak_rss_mib()})
-    report(f"train_throughput_{args.backbone}_{args.image_size}", rows)
+    suffix = "" if args.freeze == [0] else "_freeze" + "-".join(map(str, args.freeze))
+    report(f"train_throughput_{args.backbone}_{args.image_size}{suffix}", rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from dermcam.cli import app
 from dermcam.distributed import DistContext
 from dermcam.errors import BadInputError
 from conftest import run_json, weights_of

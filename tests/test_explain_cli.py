@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -128,11 +129,11 @@ def test_nothing_usable_exits_2(runner, checkpoint, tmp_path) -> None:
 
 
 def test_decompression_bombs_are_refused(runner, checkpoint, tmp_path, monkeypatch) -> None:
-    import dermcam.explain
+    import dermcam.images
 
     big = _photo(tmp_path / "big.png", (400, 300))
     small = _photo(tmp_path / "small.png", (40, 30))
-    monkeypatch.setattr(dermcam.explain, "MAX_IMAGE_PIXELS", 100_000)  # our own limit, checked before decoding
+    monkeypatch.setattr(dermcam.images, "MAX_IMAGE_PIXELS", 100_000)  # our own limit, checked before decoding
     result = run(runner, str(big), str(small), "-o", str(tmp_path / "out"))
     assert result.exit_code == 5 and "big.png: 400x300 pixels is over" in result.stderr
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's own check (error at 2x) is caught too
@@ -152,10 +153,14 @@ def test_exotic_modes_and_formats_work(runner, checkpoint, tmp_path, mode: str, 
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
-    from dermcam.explain import _to_rgb
+    from dermcam.images import decode_image, to_rgb
 
     grey = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
-    assert np.asarray(_to_rgb(grey))[0, 0].tolist() == [128, 128, 128]
+    assert np.asarray(to_rgb(grey))[0, 0].tolist() == [128, 128, 128]
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    cached, note = decode_image(buffer.getvalue(), (4, 4))  # prepare's path gives the same pixels
+    assert cached[0, 0].tolist() == [128, 128, 128] and note == "16-bit grayscale converted to 8-bit RGB"
 
 
 def test_exif_orientation_is_applied(runner, checkpoint, tmp_path) -> None:

@@ -223,13 +223,15 @@ def test_hub_probe_is_quick_and_respects_offline_mode(monkeypatch: pytest.Monkey
 
 @pytest.mark.skipif(LITE0_DIST not in list_offline_weight_packages().values(),
                     reason=f"{LITE0_DIST} is not installed")
-def test_lite0_package_weights_classify_natural_images(offline: Path) -> None:
-    """The mapped ImageNet weights must actually work: a cat and an espresso, with the model's preprocessing."""
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_lite0_package_weights_classify_natural_images(offline: Path, backbone: str) -> None:
+    """The mapped ImageNet weights must actually work: a cat and an espresso, with the model's preprocessing
+    (the tf_ variant, the exact match of these TensorFlow-ported weights, normalises to [-1, 1])."""
     from PIL import Image
     from skimage import data
     from timm.data import create_transform
 
-    model, prov = create_model("efficientnet_lite0", 1000, "auto")
+    model, prov = create_model(backbone, 1000, "auto")
     assert prov == {"source": f"package:{LITE0_DIST}", "dropped_keys": [], "missing_keys": []}
     cfg = data_config(model)
     transform = create_transform(input_size=tuple(cfg["input_size"]), mean=tuple(cfg["mean"]),
@@ -241,7 +243,12 @@ def test_lite0_package_weights_classify_natural_images(offline: Path) -> None:
     assert 281 <= top1[0] <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat
     assert top1[1] == 967  # espresso
 
-    _, three = create_model("efficientnet_lite0", 3, "auto")
+    expected = (0.5,) * 3, (0.5,) * 3
+    if not backbone.startswith("tf_"):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        expected = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    assert (tuple(cfg["mean"]), tuple(cfg["std"])) == expected
+    _, three = create_model(backbone, 3, "auto")
     assert sorted(three["dropped_keys"]) == ["classifier.bias", "classifier.weight"]
 
 

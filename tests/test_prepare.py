@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from dermcam.cli import app
-from dermcam.data import decode_image, leakage_audit, split_by_lesion
+from dermcam.data import leakage_audit, split_by_lesion
+from dermcam.images import decode_image
 
 # fixtures_ham is both a plugin (its fixtures, below) and a helper module: registering it before the
 # import keeps pytest from warning that the plugin was imported too early.

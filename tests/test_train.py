@@ -67,8 +67,8 @@ def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: P
     assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema", "--ema-decay", "0.9", "--accumulate", "2", "--balance", "sampler"]],
-                         ids=["plain", "ema-accumulate-sampler"])
+@pytest.mark.parametrize("extra", [[], ["--ema", "--ema-decay", "0.9", "--accumulate", "2", "--balance", "sampler", "--freeze", "1"]],
+                         ids=["plain", "ema-accumulate-sampler-freeze"])
 def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch, extra: list[str]) -> None:
     from dermcam import training
 
@@ -96,6 +96,31 @@ def test_resume_after_interruption_matches_straight_run(runner, home: Path, monk
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert resumed["test_metrics"] == straight["test_metrics"]
+
+
+def test_freeze_keeps_the_stem_and_early_stages_fixed(runner, home: Path) -> None:
+    [result] = run_json(runner, ["train", *TINY, "--freeze", "2", "--epochs", "2", "--json"])
+    first, last = (weights_of(Path(result["run_dir"]), epoch) for epoch in (0, 1))
+    learned = [k for k in first if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    frozen = [k for k in learned if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert frozen and len(frozen) < len(learned)
+    for key in learned:
+        assert np.array_equal(first[key], last[key]) == (key in frozen), key
+
+
+def test_ema_decay_warms_up_so_the_untrained_start_fades_quickly() -> None:
+    import torch
+
+    from dermcam.training import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.998)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model, step=0)  # decay min(0.998, 1/10): mostly the new weights
+    assert torch.allclose(ema.state["weight"], torch.full((1, 2), 0.9))
+    ema.update(model, step=10**6)  # late in training: the configured decay
+    assert torch.allclose(ema.state["weight"], torch.full((1, 2), 0.9 * 0.998 + 0.002))
 
 
 def test_resume_of_finished_run_does_nothing_more(runner, home: Path) -> None:
@@ -193,6 +218,7 @@ def test_evaluate_writes_report(runner, home: Path, tmp_path: Path) -> None:
         (["train", "--data", "nope", "--pretrained", "none"], 3, "nope"),
         (["train", *TINY, "--balance", "weird"], 2, "--balance"),
         (["train", *TINY, "--epochs", "0"], 2, "--epochs"),
+        (["train", *TINY, "--freeze", "9"], 2, "--freeze 9"),
         (["train", "--resume"], 3, "no training runs"),
         (["evaluate"], 3, "no checkpoints"),
         (["train", "--config", "missing.toml"], 2, "missing.toml"),

@@ -35,10 +35,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dermcam import __version__
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
+from dermcam.images import ImageDecodeError, conversion_note_of, decode_image
 from dermcam.progress import Progress
 from dermcam.store import (atomic_path, atomic_write_bytes, atomic_write_json, datasets_dir, read_json,
                            store_lock)
@@ -148,84 +148,6 @@ class PreparedDataset:
             raise BadInputError(f"unknown split '{which}'; choose from {', '.join(SPLITS)}")
         rows = np.flatnonzero(self.index["split"].to_numpy() == which)
         return rows, self.index["label"].to_numpy(dtype=np.int64)[rows]
-
-
-class ImageDecodeError(BadInputError):
-    """An image file dermcam cannot decode; ``kind`` is ``truncated`` or ``unreadable``."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-# --------------------------------------------------------------------------- images
-
-_MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale+alpha", "P": "palette",
-               "PA": "palette+alpha", "RGBA": "RGBA (alpha dropped)", "CMYK": "CMYK", "I": "32-bit integer",
-               "F": "32-bit float", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV"}
-
-
-def _conversion_note(image: Image.Image) -> str | None:
-    """What converting this (unloaded) image to 8-bit RGB changes, or None for 8-bit RGB."""
-    rawmode = ""
-    if image.tile and image.tile[0].args and isinstance(image.tile[0].args[0], str):
-        rawmode = image.tile[0].args[0]
-    sixteen = image.mode.startswith("I;16") or ";16" in rawmode
-    if image.mode == "RGB" and not sixteen:
-        return None
-    name = "16-bit grayscale" if image.mode.startswith("I;16") else _MODE_NAMES.get(image.mode, image.mode)
-    if image.mode == "RGB":
-        name = "16-bit RGB"
-    return f"{name} converted to 8-bit RGB"
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; high-bit-depth grayscale is rescaled, not clipped (Pillow's convert clips at 255)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float32)
-        top = float(values.max()) if values.size else 0.0
-        if image.mode.startswith("I;16") or top > 255:
-            values = values * (255.0 / 65535.0)
-        elif image.mode == "F" and top <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def _cover_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to cover ``size`` (W, H) keeping the aspect ratio, cropping the overflow at the centre."""
-    width, height = image.size
-    scale = max(size[0] / width, size[1] / height)
-    box_w, box_h = size[0] / scale, size[1] / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h))
-
-
-def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
-    """Decode one image file to a uint8 H x W x 3 array of ``size`` = (W, H), as the cache holds it.
-
-    Returns the array and a note saying what was converted (None for a plain 8-bit RGB file), so
-    ``prepare`` can report it and explain/predict code can preprocess a single image identically.
-    JPEGs are decoded directly at a reduced scale (``draft``), several times faster than decoding
-    at full size and resizing.
-    """
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with Image.open(handle) as image:
-            note = _conversion_note(image)
-            image.draft("RGB", size)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            array = np.asarray(_cover_resize(_to_rgb(image), size), dtype=np.uint8)
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image Pillow can read", "unreadable") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        kind = "truncated" if "truncated" in message.lower() else "unreadable"
-        raise ImageDecodeError(message, kind) from exc
-    return array, note
 
 
 # --------------------------------------------------------------------------- validation of options
@@ -520,8 +442,7 @@ def _fill_cache(cache: np.ndarray, table: pd.DataFrame, src: Path, old: np.ndarr
     for i, (source, sha, image_id) in enumerate(zip(table["source"], table["sha256"], table["image_id"])):
         if old is not None and sha in old_rows:
             cache[i] = old[old_rows[sha]]
-            with Image.open(src / source) as image:  # header only: report the conversion again
-                note = _conversion_note(image)
+            note = conversion_note_of(src / source)  # report the conversion again
             if note:
                 problems.append(Problem(source, image_id, "converted", note))
         else:
@@ -806,6 +727,6 @@ def _open(path: Path) -> PreparedDataset:
 
 
 
-__all__ = ["CLASS_CODES", "PROBLEM_ACTIONS", "Problem", "PrepareReport", "PreparedDataset", "ImageDecodeError",
-           "decode_image", "prepare", "load_prepared", "list_prepared", "split_by_lesion", "leakage_audit",
+__all__ = ["CLASS_CODES", "PROBLEM_ACTIONS", "Problem", "PrepareReport", "PreparedDataset",
+           "prepare", "load_prepared", "list_prepared", "split_by_lesion", "leakage_audit",
            "check_classes", "default_name"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from dermcam import __version__
 from dermcam.errors import BadInputError, DermcamError, ExitCode, NotFoundError
+from dermcam.images import load_image
 from dermcam.progress import Progress
 from dermcam.store import atomic_path, atomic_write_bytes, atomic_write_json
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 SCHEMA = "dermcam.explain/1"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-# 64 megapixels: three times the largest dermatoscope photos; anything bigger is refused before it
-# is decoded (a tiny file can claim gigapixels and exhaust memory: a "decompression bomb")
-MAX_IMAGE_PIXELS = 64_000_000
 BATCH_SIZE = 8
 
 
@@ -146,45 +143,6 @@ def _unique_names(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
         taken.add(str(candidate).lower())
         unique.append((image, candidate))
     return unique
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode: 16-bit scaled by 1/257, 32-bit int/float min-max scaled
-    (``convert`` would clip them to white), palette/CMYK/grey converted, alpha dropped."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16"):
-        array = np.asarray(image, dtype=np.float32) / 257.0
-    elif image.mode in ("I", "F"):
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-    else:
-        return image.convert("RGB")
-    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-
-
-def load_image(path: Path) -> Image.Image:
-    """The photo as upright 8-bit RGB, or :class:`BadInputError` with a one-line reason naming it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise BadInputError(f"{path}: {image.width}x{image.height} pixels is over the "
-                                        f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit "
-                                        "(possible decompression bomb)")
-                image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadInputError(f"{path}: refused as a possible decompression bomb (too many pixels)") from None
-    except UnidentifiedImageError:
-        raise BadInputError(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated, unreadable, permission, broken header
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(f"{path}: cannot read image ({reason})") from None
 
 
 # ------------------------------------------------------------------------------------------ model side

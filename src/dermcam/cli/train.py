@@ -22,6 +22,7 @@ def train_command(
     batch_size: int = typer.Option(32, help="Images per batch."),
     lr: list[float] = typer.Option([], "--lr", help=f"Learning rate (default: 3e-4). {GRID}."),
     head_lr_scale: float = typer.Option(1.0, help="The new classifier head learns at this multiple of --lr."),
+    freeze: int = typer.Option(0, help="Keep the stem and this many first stages at their pretrained weights (faster: no backward pass through them)."),
     weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on norms and biases)."),
     warmup_epochs: float = typer.Option(1.0, help="Linear warmup before the cosine decay."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the cross-entropy loss."),
@@ -52,7 +53,7 @@ def train_command(
     from dermcam.progress import rich_progress
     from dermcam.training import TrainConfig, best_result, expand_grid, load_experiments, train, train_many
 
-    base = TrainConfig(dataset=data, pretrained=pretrained, head_lr_scale=head_lr_scale, epochs=epochs, batch_size=batch_size,
+    base = TrainConfig(dataset=data, pretrained=pretrained, head_lr_scale=head_lr_scale, freeze=freeze, epochs=epochs, batch_size=batch_size,
                        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                        balance=balance, augment=augment, accumulate=accumulate, ema=ema, ema_decay=ema_decay, patience=patience,
                        monitor=monitor, device=device, precision=precision, channels_last=channels_last,
