@@ -97,7 +97,7 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read", "unreadable") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _reason(exc)
         kind = "truncated" if "truncated" in message.lower() else "unreadable"
         raise ImageDecodeError(message, kind) from exc
     return array, note
@@ -120,5 +120,9 @@ def load_image(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise BadInputError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated, unreadable, permission, broken header
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInputError(f"{path}: cannot read image ({reason})") from None
+        raise BadInputError(f"{path}: cannot read image ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of Pillow's message (or the exception's name): errors stay one line."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
