@@ -32,7 +32,7 @@ def cpu_model() -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    from dermcam.models import cpu_supports_bf16
+    from dermcam.models.device import cpu_supports_bf16
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
             "cpu_model": cpu_model(), "native_bf16": cpu_supports_bf16(), "load_average": os.getloadavg(),

@@ -38,10 +38,12 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ["DERMCAM_HOME"] = str(args.home)
-    from dermcam.data import list_prepared, prepare
+    from dermcam.data.dataset import list_prepared
+    from dermcam.data.prepare import prepare
+    from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
-    from dermcam.evaluation import evaluate
-    from dermcam.training import TrainConfig, train
+    from dermcam.train.config import TrainConfig
+    from dermcam.train.trainer import train
 
     start = time.monotonic()
     with rich_progress() as progress:

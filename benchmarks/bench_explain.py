@@ -31,8 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LITE, peak_rss_mib, report  # noqa: E402
-
-from dermcam.explain import BATCH_SIZE as BATCH  # noqa: E402  (measure CAM at the batch size explain uses)
+from dermcam.explain.pipeline import BATCH_SIZE as BATCH
 
 BACKBONES = ("efficientnet_lite0", "convnext_tiny")
 
@@ -60,8 +59,9 @@ def make_checkpoint(backbone: str) -> str:
     """A store checkpoint of ``backbone`` with random weights and its timm preprocessing; its id."""
     import torch
 
-    from dermcam.checkpoints import create_run, save_checkpoint
-    from dermcam.models import build_model, data_config
+    from dermcam.models.backbones import build_model, data_config
+    from dermcam.store.checkpoint import save_checkpoint
+    from dermcam.store.runs import create_run
 
     torch.manual_seed(0)
     model = build_model(backbone, 3)
@@ -86,7 +86,7 @@ def time_cli(ckpt_id: str, image: Path, out: Path, repeats: int) -> float:
 
 def time_library(ckpt_id: str, images: list[Path], out: Path) -> float:
     """images/s of one dermcam.explain.explain call over the folder, after a one-image warm-up call."""
-    from dermcam.explain import explain
+    from dermcam.explain.pipeline import explain
 
     explain([images[0]], checkpoint=ckpt_id, out_dir=out)
     start = time.perf_counter()
@@ -104,13 +104,14 @@ def time_cam_only(ckpt_id: str, images: list[Path], repeats: int) -> tuple[float
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from dermcam.cam import GradCAM
-    from dermcam.checkpoints import load_for_inference, preprocess
-    from dermcam.models import find_target_layer
+    from dermcam.data.geometry import model_input
+    from dermcam.explain.methods import GradCAM
+    from dermcam.models.layers import find_target_layer
+    from dermcam.store.inference import load_for_inference
 
     model, sidecar = load_for_inference(ckpt_id)
     layer = find_target_layer(model)
-    x = torch.stack([preprocess(Image.open(p), sidecar["preprocessing"]) for p in images])
+    x = torch.stack([model_input(Image.open(p), sidecar["preprocessing"]) for p in images])
     batches = list(x.split(BATCH))
     ours = GradCAM(model, layer)
     targets = [ours(b).targets for b in batches]  # warm-up, and the classes both will explain

@@ -35,7 +35,7 @@ def one_config(backbone: str, precision: str, memory_format: str, steps: int) ->
     import torch
     import torch.nn.functional as F
 
-    from dermcam.models import build_model
+    from dermcam.models.backbones import build_model
 
     torch.manual_seed(0)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
@@ -106,8 +106,8 @@ def main() -> None:
 
     import torch
 
-    from dermcam.models import cpu_supports_bf16
-    from dermcam.store import atomic_write_json
+    from dermcam.models.device import cpu_supports_bf16
+    from dermcam.store.files import atomic_write_json
 
     started, load_at_start = time.time(), os.getloadavg()
     rows = run_all(args.steps)

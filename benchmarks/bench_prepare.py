@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _common import LITE, peak_rss_mib, report
 from PIL import Image
 
-from dermcam.data import load_prepared, prepare
-from dermcam.images import decode_image
+from _common import LITE, peak_rss_mib, report
+from dermcam.data.dataset import load_prepared
+from dermcam.data.images import decode_image
+from dermcam.data.prepare import prepare
 
 SIZE = (256, 192)
 

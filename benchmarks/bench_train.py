@@ -42,8 +42,11 @@ def main() -> None:
 
     home = args.home or Path(tempfile.mkdtemp(prefix="dermcam-bench-"))
     os.environ["DERMCAM_HOME"] = str(home)
-    from dermcam.data import list_prepared, prepare
-    from dermcam.training import Trainer, TrainConfig, epoch_order
+    from dermcam.data.dataset import list_prepared
+    from dermcam.data.prepare import prepare
+    from dermcam.train.config import TrainConfig
+    from dermcam.train.schedule import epoch_order
+    from dermcam.train.trainer import Trainer
 
     if not any(m["name"] == args.data for m in list_prepared()):
         print(f"preparing {LITE} into {home} ...")
@@ -51,7 +54,7 @@ def main() -> None:
     rows = []
     for precision, freeze in ((p, f) for f in args.freeze for p in args.precision):
         cfg = TrainConfig(freeze=freeze, dataset=args.data, backbone=args.backbone, pretrained="none", batch_size=args.batch_size,
-                          image_size=int(args.image_size) if args.image_size.isdigit() else args.image_size,
+                          image_size=args.image_size,
                           precision=precision)
         trainer = Trainer(cfg)
         trainer.build()

@@ -37,8 +37,8 @@ def ham10000_lite() -> Path:
 @pytest.fixture(scope="session")
 def prepared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store holding one prepared synthetic data set ("synth"), built once per test session."""
-    from dermcam.data import prepare
-    from dermcam.synthetic import write_synthetic_ham10000
+    from dermcam.data.prepare import prepare
+    from dermcam.data.synthetic import write_synthetic_ham10000
 
     base = tmp_path_factory.mktemp("prepared")
     src = write_synthetic_ham10000(base / "synth", n_lesions_per_class=12, images_per_lesion=(1, 2), seed=1)

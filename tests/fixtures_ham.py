@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dermcam.synthetic import write_synthetic_ham10000
+from dermcam.data.synthetic import write_synthetic_ham10000
 
 # 6 lesions per class, 1-3 images each, 48x36 pixels: about 36 images, written in well under a second.
 SMALL = {"n_lesions_per_class": 6, "images_per_lesion": (1, 3), "size": (48, 36), "seed": 7}

@@ -8,9 +8,10 @@ import timm
 import torch
 from torch import nn
 
-from dermcam.cam import (METHODS, CAMResult, EigenCAM, GradCAM, compute_cam, faithfulness, make_cam,
-                         resolve_layer)
 from dermcam.errors import BadInputError
+from dermcam.explain.cam import CAMResult, resolve_layer
+from dermcam.explain.faithfulness import faithfulness
+from dermcam.explain.methods import METHODS, EigenCAM, GradCAM, compute_cam, make_cam
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from dermcam.checkpoints import (create_run, find_run, read_run, resume_point, run_checkpoints, save_checkpoint,
-                                 update_run)
 from dermcam.cli import app
-from dermcam.store import home, store_lock
+from dermcam.store.checkpoint import run_checkpoints, save_checkpoint
+from dermcam.store.locks import store_lock
+from dermcam.store.paths import home
+from dermcam.store.runs import create_run, find_run, read_run, resume_point, update_run
 
 BACKBONE = "test_efficientnet"
 CLASSES = ["nv", "bkl", "mel"]
@@ -227,8 +228,9 @@ def test_prune_while_another_process_writes_checkpoints(runner, tmp_path: Path) 
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_ckpt import model_state, sidecar
-        from dermcam.checkpoints import create_run, save_checkpoint
-        from dermcam.store import store_lock
+        from dermcam.store.checkpoint import save_checkpoint
+        from dermcam.store.locks import store_lock
+        from dermcam.store.runs import create_run
 
         run_dir = create_run({{}}, run_id="live01")
         values = [0.5, 0.8, 0.6, 0.7, 0.65, 0.9, 0.55, 0.6, 0.62, 0.58, 0.61, 0.57]

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from dermcam.cli import app
-from dermcam.data import list_prepared, load_prepared, prepare
+from dermcam.data.dataset import list_prepared, load_prepared
+from dermcam.data.prepare import prepare
 from dermcam.errors import CorruptError, NotFoundError
 
 pytest_plugins = ["fixtures_ham"]  # ham_src, synthetic_master
@@ -118,7 +119,7 @@ def test_synthetic_rejects_unknown_classes(runner, tmp_path: Path) -> None:
 
 def test_synthetic_classes_are_learnable(tmp_path: Path) -> None:
     """Even a nearest-centroid rule on colour statistics tells the classes apart on unseen lesions."""
-    from dermcam.synthetic import write_synthetic_ham10000
+    from dermcam.data.synthetic import write_synthetic_ham10000
 
     src = write_synthetic_ham10000(tmp_path / "s", n_lesions_per_class=12, size=(48, 36), seed=11)
     dataset = load_prepared(prepared(src, "learn").name)

@@ -13,7 +13,8 @@ from dermcam.cli import app
 @pytest.fixture
 def tiny_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real demo pipeline, but a tiny random-weight model, one epoch and a small synthetic set."""
-    from dermcam import demo, synthetic
+    from dermcam import demo
+    from dermcam.data import synthetic
 
     monkeypatch.setattr(demo, "DEMO_TRAIN", {"backbone": "test_efficientnet", "pretrained": "none", "epochs": 1,
                                              "image_size": 48, "batch_size": 16})

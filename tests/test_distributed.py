@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from dermcam.distributed import DistContext
-from dermcam.errors import BadInputError
 from conftest import run_json, weights_of
+from dermcam.errors import BadInputError
+from dermcam.train.distributed import DistContext
 
 TINY = ["--backbone", "test_convnext", "--pretrained", "none", "--image-size", "32", "--batch-size", "8",
         "--data", "synth", "--precision", "fp32"]
@@ -66,7 +66,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_augmenting_a_slice_gives_that_slice_of_the_whole_batch() -> None:
-    from dermcam.augment import apply_augment, augment, batch_generator, draw_augment
+    from dermcam.train.augment import apply_augment, augment, batch_generator, draw_augment
 
     x = torch.rand(8, 3, 36, 48)
     whole = augment(x, (32, 32), batch_generator(0, 3, 5))
@@ -84,7 +84,8 @@ def test_shards_cover_every_row_once() -> None:
 
 
 def test_multi_process_runs_need_a_divisible_batch_and_cuda_for_sync_bn() -> None:
-    from dermcam.training import TrainConfig, check_distributed
+    from dermcam.train.config import TrainConfig
+    from dermcam.train.trainer import check_distributed
 
     two_on_cpu = DistContext(rank=1, world_size=2, device=torch.device("cpu"))
     with pytest.raises(BadInputError, match=r"--batch-size 7 is the global batch size .* processes \(2\)"):

@@ -25,7 +25,8 @@ def checkpoint(dermcam_home: Path) -> dict:
     import timm
     import torch
 
-    from dermcam.checkpoints import create_run, save_checkpoint
+    from dermcam.store.checkpoint import save_checkpoint
+    from dermcam.store.runs import create_run
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=len(CLASSES))
@@ -79,8 +80,9 @@ def test_explains_images_with_overlays_at_their_own_size_and_sidecars(runner, ch
 
 
 def test_saved_map_is_the_library_cam_of_the_preprocessed_image(runner, checkpoint, tmp_path) -> None:
-    from dermcam.cam import compute_cam
-    from dermcam.checkpoints import load_for_inference, preprocess
+    from dermcam.data.geometry import model_input
+    from dermcam.explain.methods import compute_cam
+    from dermcam.store.inference import load_for_inference
 
     image = _photo(tmp_path / "x.jpg", (120, 80))
     out = tmp_path / "out"
@@ -88,7 +90,7 @@ def test_saved_map_is_the_library_cam_of_the_preprocessed_image(runner, checkpoi
     saved = np.load(out / "x.cam.npy", allow_pickle=False)
     model, sidecar = load_for_inference("c0ffee:0")
     with Image.open(image) as photo:
-        x = preprocess(photo, sidecar["preprocessing"])[None]
+        x = model_input(photo, sidecar["preprocessing"])[None]
     expected = compute_cam(model, x, "gradcam++")
     assert saved.shape == (INPUT, INPUT) and saved.max() == pytest.approx(1, abs=1e-5)
     np.testing.assert_allclose(saved, expected.maps[0], atol=1e-5)
@@ -129,11 +131,11 @@ def test_nothing_usable_exits_2(runner, checkpoint, tmp_path) -> None:
 
 
 def test_decompression_bombs_are_refused(runner, checkpoint, tmp_path, monkeypatch) -> None:
-    import dermcam.images
+    import dermcam.data.images
 
     big = _photo(tmp_path / "big.png", (400, 300))
     small = _photo(tmp_path / "small.png", (40, 30))
-    monkeypatch.setattr(dermcam.images, "MAX_IMAGE_PIXELS", 100_000)  # our own limit, checked before decoding
+    monkeypatch.setattr(dermcam.data.images, "MAX_IMAGE_PIXELS", 100_000)  # our own limit, checked before decoding
     result = run(runner, str(big), str(small), "-o", str(tmp_path / "out"))
     assert result.exit_code == 5 and "big.png: 400x300 pixels is over" in result.stderr
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's own check (error at 2x) is caught too
@@ -153,7 +155,7 @@ def test_exotic_modes_and_formats_work(runner, checkpoint, tmp_path, mode: str, 
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
-    from dermcam.images import decode_image, to_rgb
+    from dermcam.data.images import decode_image, to_rgb
 
     grey = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
     assert np.asarray(to_rgb(grey))[0, 0].tolist() == [128, 128, 128]
@@ -205,10 +207,12 @@ def test_other_methods_and_tta(runner, checkpoint, tmp_path, method: str) -> Non
 
 
 def test_unknown_method_is_a_usage_error(runner, checkpoint, tmp_path) -> None:
-    from dermcam.cam import METHODS
-    from dermcam.cli.explain import METHOD_NAMES
+    from dermcam.explain.methods import METHODS
 
-    assert tuple(METHODS) == METHOD_NAMES
+    import typer.main
+
+    option = next(p for p in typer.main.get_command(app).commands["explain"].params if p.name == "method")
+    assert option.metavar == "|".join(METHODS)  # --help lists the library's methods, not a copy
     result = run(runner, str(_photo(tmp_path / "x.jpg")), "--method", "lime", "-o", str(tmp_path / "out"))
     assert result.exit_code == 2 and "unknown CAM method 'lime'" in result.stderr
 
@@ -258,7 +262,7 @@ def test_empty_folder_and_missing_checkpoint(runner, checkpoint, tmp_path) -> No
 
 
 def test_an_exported_file_works_as_checkpoint(runner, checkpoint, tmp_path) -> None:
-    from dermcam.export import export_checkpoint
+    from dermcam.store.exchange import export_checkpoint
 
     exported = export_checkpoint("c0ffee:0", tmp_path / "model.safetensors")
     out = tmp_path / "out"

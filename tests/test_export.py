@@ -10,12 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_ckpt import CLASSES, invoke, list_json, make_run, snapshot
 
-from dermcam.checkpoints import load_for_inference, model_from_checkpoint, resolve
 from dermcam.errors import BadInputError, CorruptError
-from dermcam.export import MAX_HEADER_BYTES, load_exported
-from dermcam.store import home
+from dermcam.store.exchange import MAX_HEADER_BYTES, load_exported
+from dermcam.store.inference import load_for_inference, model_from_checkpoint
+from dermcam.store.paths import home
+from dermcam.store.references import resolve
+from test_ckpt import CLASSES, invoke, list_json, make_run, snapshot
 
 
 def logits(model) -> list[float]:

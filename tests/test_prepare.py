@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from dermcam.cli import app
-from dermcam.data import leakage_audit, split_by_lesion
-from dermcam.images import decode_image
+from dermcam.data.images import decode_image
+from dermcam.data.split import leakage_audit, split_by_lesion
 
 # fixtures_ham is both a plugin (its fixtures, below) and a helper module: registering it before the
 # import keeps pytest from warning that the plugin was imported too early.
@@ -163,7 +163,7 @@ def test_missing_source_exits_3(runner, tmp_path: Path) -> None:
 
 
 def test_split_is_grouped_by_lesion_and_stratified(runner, synthetic_master: Path, tmp_path: Path) -> None:
-    from dermcam.synthetic import write_synthetic_ham10000
+    from dermcam.data.synthetic import write_synthetic_ham10000
 
     src = write_synthetic_ham10000(tmp_path / "bigger", n_lesions_per_class=25, size=(24, 18), seed=3)
     index = pd.read_csv(Path(run_json(runner, str(src), "--seed", "5")["path"]) / "index.csv",

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from dermcam.errors import BadInputError
-from dermcam.render import COLORMAPS, colorize, render_overlay, save_png
-from dermcam.store import leftover_temporaries
+from dermcam.explain.render import COLORMAPS, colorize, render_overlay, save_png
+from dermcam.store.files import leftover_temporaries
 
 GREY = 120
 

@@ -36,7 +36,7 @@ def test_train_writes_checkpoints_metrics_and_report(runner, home: Path) -> None
         assert sidecar["config"]["backbone"] == "test_efficientnet"
         for key in ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro", "loss"):
             assert key in sidecar["metrics"]
-        from dermcam.checkpoints import sha256_file
+        from dermcam.store.files import sha256_file
 
         assert sha256_file(run_dir / sidecar["weights"]["file"]) == sidecar["weights"]["sha256"]
         assert (run_dir / sidecar["state"]["file"]).is_file()
@@ -70,12 +70,12 @@ def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: P
 @pytest.mark.parametrize("extra", [[], ["--ema", "--ema-decay", "0.9", "--accumulate", "2", "--balance", "sampler", "--freeze", "1"]],
                          ids=["plain", "ema-accumulate-sampler-freeze"])
 def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch, extra: list[str]) -> None:
-    from dermcam import training
+    from dermcam.train import trainer
 
     args = ["train", *TINY, *extra, "--epochs", "3", "--json"]
     [straight] = run_json(runner, args)
 
-    original_save = training.Trainer._save
+    original_save = trainer.Trainer._save
 
     def save_then_die(self, *a, **kw):
         out = original_save(self, *a, **kw)
@@ -83,10 +83,10 @@ def test_resume_after_interruption_matches_straight_run(runner, home: Path, monk
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(training.Trainer, "_save", save_then_die)
+    monkeypatch.setattr(trainer.Trainer, "_save", save_then_die)
     interrupted = runner.invoke(app, args)
     assert interrupted.exit_code == 130
-    monkeypatch.setattr(training.Trainer, "_save", original_save)
+    monkeypatch.setattr(trainer.Trainer, "_save", original_save)
     run_id = next(p.name for p in (home / "runs").iterdir() if p.name != straight["run_id"])
     [resumed] = run_json(runner, ["train", "--resume", "--run", run_id, "--json"])
     assert resumed["resumed_from"] == f"{run_id}:1"
@@ -111,7 +111,7 @@ def test_freeze_keeps_the_stem_and_early_stages_fixed(runner, home: Path) -> Non
 def test_ema_decay_warms_up_so_the_untrained_start_fades_quickly() -> None:
     import torch
 
-    from dermcam.training import EMA
+    from dermcam.train.ema import EMA
 
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -133,7 +133,8 @@ def test_resume_of_finished_run_does_nothing_more(runner, home: Path) -> None:
 
 def test_sigkill_during_training_never_breaks_the_store(home: Path, tmp_path: Path) -> None:
     """Kill a real training process at random moments, repeatedly; the store stays readable and resumable."""
-    from dermcam.checkpoints import list_checkpoints, list_runs, sha256_file
+    from dermcam.store.files import sha256_file
+    from dermcam.store.runs import list_checkpoints, list_runs
 
     env = {**os.environ, "DERMCAM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "dermcam", "train", *TINY, "--epochs", "6", "--patience", "99"]
@@ -175,7 +176,7 @@ def test_damaged_weights_are_detected(runner, home: Path) -> None:
 
 
 def test_checkpoint_without_valid_sidecar_is_ignored_and_resume_uses_the_previous(runner, home: Path) -> None:
-    from dermcam.checkpoints import list_checkpoints, resume_point
+    from dermcam.store.runs import list_checkpoints, resume_point
 
     [result] = run_json(runner, ["train", *TINY, "--epochs", "2", "--json"])
     run_dir = Path(result["run_dir"])
@@ -232,7 +233,7 @@ def test_bad_input_gives_one_line_error(runner, home: Path, args: list[str], cod
 
 
 def test_metrics_do_not_reward_always_nv() -> None:
-    from dermcam.metrics import compute_metrics
+    from dermcam.evaluate.metrics import compute_metrics
 
     y = np.array([0] * 10 + [1] * 10 + [2] * 80)
     always_nv = np.tile([0.0, 0.0, 1.0], (100, 1))
@@ -244,7 +245,7 @@ def test_metrics_do_not_reward_always_nv() -> None:
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
-    from dermcam.training import lr_multiplier
+    from dermcam.train.schedule import lr_multiplier
 
     values = [lr_multiplier(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from dermcam.data.synthetic import write_synthetic_ham10000
 from dermcam.errors import NotFoundError
 from dermcam.progress import Progress
-from dermcam.synthetic import write_synthetic_ham10000
 
 DEMO_DATASET = "demo"
 DEMO_TRAIN = {"backbone": "efficientnet_lite0", "epochs": 4, "image_size": 128, "batch_size": 16,
@@ -60,7 +60,7 @@ def _finished_demo_run(config: Any) -> Any | None:
     """A finished run of the same demo configuration, to reuse instead of training again."""
     import dataclasses
 
-    from dermcam.checkpoints import list_runs, read_run
+    from dermcam.store.runs import list_runs, read_run
 
     wanted = dataclasses.asdict(config)
     for run_dir in reversed(list_runs()):
@@ -72,7 +72,7 @@ def _finished_demo_run(config: Any) -> Any | None:
 
 def _train_or_reuse(config: Any, flags: str, store: Path, observer: DemoObserver,
                     progress: Progress | None) -> Any:
-    from dermcam.training import train
+    from dermcam.train.trainer import train
 
     previous = _finished_demo_run(config)
     if previous is not None:
@@ -88,11 +88,12 @@ def run_demo(out_dir: Path = Path("dermcam-demo"), *, observer: DemoObserver,
     """Synthesize data, prepare, train (offline pretrained efficientnet_lite0), list, explain."""
     import time
 
-    from dermcam.checkpoints import read_run
-    from dermcam.ckpt import list_checkpoint_rows
-    from dermcam.data import load_prepared, prepare
-    from dermcam.explain import explain
-    from dermcam.training import TrainConfig
+    from dermcam.data.dataset import load_prepared
+    from dermcam.data.prepare import prepare
+    from dermcam.explain.pipeline import explain
+    from dermcam.store.manage import list_checkpoint_rows
+    from dermcam.store.runs import read_run
+    from dermcam.train.config import TrainConfig
 
     started = time.monotonic()
     out_dir = Path(out_dir).resolve()

@@ -65,8 +65,8 @@ def rich_progress(enabled: bool = True) -> Iterator[Progress]:
         yield Progress()
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichBar
 
     console = Console(stderr=True)
     bar = RichBar(

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from dermcam.cli._common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli import views
+from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
 from dermcam.errors import BadInputError, ExitCode
 
 ckpt_app = typer.Typer(
@@ -21,68 +22,9 @@ ckpt_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_SHORT = {"balanced_accuracy": "bal.acc", "macro_f1": "F1", "auc_macro": "AUC", "accuracy": "acc",
-          "loss": "loss"}
-
-
-def human_bytes(n: float) -> str:
-    """Three significant digits: 420 KB, 21.3 MB, 1.05 GB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 999.5 or unit == "GB":
-            return f"{n:.3g} {unit}" if n >= 1 else f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n:.3g} GB"
-
-
-def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _metric(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
-
-
-def _monitor_cell(monitor: dict[str, Any]) -> str:
-    name = str(monitor.get("name") or "").removeprefix("val_")
-    short = _SHORT.get(name) or (f"{name.removeprefix('recall_')} rec." if name.startswith("recall_") else name)
-    return f"{_metric(monitor.get('value'))} {short}".strip() if monitor else "-"
-
 
 def _interactive() -> bool:
     return sys.stdin.isatty()
-
-
-def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
-    """The ``ckpt list`` table (also shown by ``dermcam demo``)."""
-    from dermcam.ckpt import LIST_METRICS
-    from dermcam.store import runs_dir
-
-    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in rows)
-    table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
-                  caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
-    table.add_column("ID", no_wrap=True)
-    table.add_column("Backbone / data", overflow="fold", min_width=10)
-    if extra_monitor:
-        table.add_column("Monitored", justify="right", min_width=5)
-    for header in ("Bal.acc", "F1", "Mel rec", "AUC"):
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("Size", justify="right", no_wrap=True)
-    table.add_column("Age", justify="right", no_wrap=True)
-    table.add_column("Flags", min_width=8)
-    for row in rows:
-        monitored = str(row["monitor"].get("name", "")).removeprefix("val_")
-        cells = [f"[bold]{_metric(row['metrics'].get(k))}[/]" if k == monitored else _metric(row["metrics"].get(k))
-                 for k in LIST_METRICS]
-        flags = " ".join(f"[bold green]{f}[/]" if f == "best" else f for f in row["flags"])
-        table.add_row(row["id"], f"{row['backbone']}\n[dim]{row['dataset'] or '-'}[/]",
-                      *([_monitor_cell(row["monitor"])] if extra_monitor else []), *cells,
-                      human_bytes(row["size"]), human_age(row["age_seconds"]), flags)
-    return table
 
 
 @ckpt_app.command("list")
@@ -99,8 +41,8 @@ def list_cmd(
     Flags: best (what 'best' resolves to), run-best (best of its run), latest (its run's resume point),
     exported, imported, training (its run is training right now).
     """
-    from dermcam.ckpt import list_checkpoint_rows
-    from dermcam.store import runs_dir
+    from dermcam.store.manage import list_checkpoint_rows
+    from dermcam.store.paths import runs_dir
 
     rows = list_checkpoint_rows(run=run, sort=sort)
     if as_json:
@@ -109,7 +51,7 @@ def list_cmd(
     if not rows:
         console.print(f"No checkpoints in {runs_dir()}; train one with: dermcam train")
         return
-    console.print(checkpoint_table(rows))
+    console.print(views.checkpoint_table(rows))
 
 
 def _render_prune(result: dict[str, Any], out: Any = console) -> None:
@@ -121,13 +63,13 @@ def _render_prune(result: dict[str, Any], out: Any = console) -> None:
         for name in ("ID", "Monitored", "Size"):
             table.add_column(name)
         for row in result["removed"]:
-            table.add_row(row["id"], _monitor_cell(row["monitor"]), human_bytes(row["bytes"]))
+            table.add_row(row["id"], views.monitor_cell(row["monitor"]), views.human_bytes(row["bytes"]))
         out.print(table)
     kept = ", ".join(f"{k['id']} ({'+'.join(dict.fromkeys(k['reasons']))})" for k in result["kept"])
     out.print(f"Kept {len(result['kept'])}: {kept or 'none'}")
     if result["active_runs"]:
         out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
-    freed = human_bytes(result["bytes_freed"])
+    freed = views.human_bytes(result["bytes_freed"])
     out.print(f"{'Would free' if result['dry_run'] else 'Freed'} {freed}."
               + (" Nothing was changed (dry run)." if result["dry_run"] else ""))
 
@@ -153,7 +95,7 @@ def prune_cmd(
     A run that is training right now always keeps its latest and its best checkpoint.
     Asks before deleting when run from a terminal, unless --yes.
     """
-    from dermcam.ckpt import prune
+    from dermcam.store.manage import prune
 
     options = {"keep_best": keep_best, "keep_last": keep_last, "run": run, "global_rank": global_rank,
                "keep_latest": keep_latest}
@@ -190,7 +132,7 @@ def export_cmd(
     Its header holds backbone, classes, preprocessing, metrics, training config and versions,
     plus the source checkpoint's id and sha256 (JSON under the "dermcam" metadata key).
     """
-    from dermcam.export import export_checkpoint
+    from dermcam.store.exchange import export_checkpoint
 
     if half and bf16:
         raise BadInputError("choose one of --half and --bf16")
@@ -200,7 +142,7 @@ def export_cmd(
         print_json(result)
         return
     console.print(f"Exported {result['id']} ({result['backbone']}, {result['dtype']}) to {result['file']}\n"
-                  f"  {human_bytes(result['size'])} (checkpoint weights: {human_bytes(result['source_size'])}), "
+                  f"  {views.human_bytes(result['size'])} (checkpoint weights: {views.human_bytes(result['source_size'])}), "
                   f"sha256 {result['file_sha256'][:16]}...\n"
                   f"  Use it with: dermcam explain IMAGE -c {result['file']}  "
                   f"or import it elsewhere with: dermcam ckpt restore FILE", highlight=False, soft_wrap=True)
@@ -224,7 +166,8 @@ def restore_cmd(
     CKPT: an existing checkpoint becomes the point 'dermcam train --resume' continues from.
     Nothing is deleted: the run's later checkpoints stay until training writes those epochs again.
     """
-    from dermcam.ckpt import is_exported_file, restore, rollback_plan
+    from dermcam.store.exchange import is_exported_file
+    from dermcam.store.manage import restore, rollback_plan
 
     if not is_exported_file(target) and not yes and _interactive():
         plan = rollback_plan(target)
@@ -263,8 +206,8 @@ def verify_cmd(
     Damaged: a hash or size mismatch, an unreadable sidecar, a missing file (exit code 4).
     Incomplete: weights without a sidecar and temporaries of interrupted writes (--clean deletes them).
     """
-    from dermcam.ckpt import verify_store
     from dermcam.progress import rich_progress
+    from dermcam.store.manage import verify_store
 
     with rich_progress(enabled=not as_json) as progress:
         report = verify_store(clean=clean, progress=progress)
@@ -283,10 +226,10 @@ def _render_verify(report: dict[str, Any], clean: bool) -> None:
         console.print(f"[red]damaged[/] {item['problem']}", highlight=False, soft_wrap=True)
     for item in report["incomplete"]:
         state = "removed" if item["cleaned"] else item["note"] or "leftover of an interrupted write"
-        console.print(f"[yellow]incomplete[/] {item['path']} ({human_bytes(item['bytes'])}): {state}",
+        console.print(f"[yellow]incomplete[/] {item['path']} ({views.human_bytes(item['bytes'])}): {state}",
                       highlight=False, soft_wrap=True)
     if clean and report["cleaned_bytes"]:
-        console.print(f"Freed {human_bytes(report['cleaned_bytes'])}.")
+        console.print(f"Freed {views.human_bytes(report['cleaned_bytes'])}.")
     elif report["incomplete"] and not clean:
         console.print("Remove the leftovers with: dermcam ckpt verify --clean")
 

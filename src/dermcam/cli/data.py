@@ -6,12 +6,16 @@ The library is imported inside each command so ``dermcam --help`` stays instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from dermcam.cli._common import JSON_OPTION, console, handle_errors, print_json
+from dermcam.cli import views
+from dermcam.cli.common import JSON_OPTION, console, handle_errors, print_json
+from dermcam.data.classes import CLASS_CODES, DEFAULT_CLASSES
+from dermcam.data.geometry import DEFAULT_CACHE_SIZE
+from dermcam.data.split import DEFAULT_FRACTIONS
 from dermcam.errors import BadInputError, ExitCode
 from dermcam.progress import rich_progress
 
@@ -33,84 +37,22 @@ def _parse_fractions(text: str) -> list[float]:
         raise BadInputError(f"--fractions '{text}' must be three numbers like 0.7,0.15,0.15") from None
 
 
-def _parse_size(text: str, option: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise BadInputError(f"{option} '{text}' must be WIDTHxHEIGHT, for example 256x192")
-    return int(parts[0]), int(parts[1])
-
-
-def _splits_table(manifest: dict[str, Any]) -> Table:
-    classes = manifest["classes"]
-    table = Table(title="Splits (grouped by lesion)", title_justify="left")
-    table.add_column("split")
-    table.add_column("images", justify="right")
-    table.add_column("lesions", justify="right")
-    for code in classes:
-        table.add_column(f"{code} ({manifest['label_encoding'][code]})", justify="right")
-    for split, counts in manifest["counts"].items():
-        table.add_row(split, str(sum(counts.values())), str(manifest["lesions"][split]),
-                      *(str(counts[c]) for c in classes))
-    totals = [sum(manifest["counts"][s][c] for s in manifest["counts"]) for c in classes]
-    table.add_row("[bold]total", f"[bold]{sum(totals)}", f"[bold]{sum(manifest['lesions'].values())}",
-                  *(f"[bold]{n}" for n in totals))
-    return table
-
-
-def _render_manifest(manifest: dict[str, Any], path: Path) -> None:
-    """The parts of a summary that come from the manifest alone (shared by prepare and show)."""
-    from dermcam.data import PROBLEM_ACTIONS
-
-    console.print(_splits_table(manifest))
-    leakage = manifest["leakage"]
-    verdict = "[green]OK[/]" if not any(leakage.values()) else "[bold red]LEAK[/]"
-    console.print("Leakage audit (lesions shared): "
-                  + ", ".join(f"{pair} {n}" for pair, n in leakage.items()) + f"  {verdict}")
-    if manifest["problems"]:
-        problems = Table(title="Problems found in the source", title_justify="left")
-        for column in ("kind", "action", "count"):
-            problems.add_column(column, justify="right" if column == "count" else "left")
-        for kind, count in manifest["problems"].items():
-            action = PROBLEM_ACTIONS.get(kind, "?")
-            problems.add_row(kind, f"[yellow]{action}[/]" if action == "skipped" else action, str(count))
-        console.print(problems)
-        console.print(f"Full list: {path / 'problems.csv'}", highlight=False)
-    else:
-        console.print("No problems found in the source.")
-    cache = manifest["cache"]
-    size = (path / cache["file"]).stat().st_size if (path / cache["file"]).exists() else 0
-    console.print(f"Cache: {cache['file']} {size / 1e6:.1f} MB, {cache['width']}x{cache['height']} "
-                  f"{cache['dtype']} {cache['layout']}; fingerprint {manifest['fingerprint'][:12]}", highlight=False)
-
-
-def _render_report(report: Any) -> None:
-    if report.up_to_date:
-        console.print(f"Data set [bold]{report.name}[/] is up to date, reused cache ({report.path})", highlight=False)
-    else:
-        console.print(f"Prepared data set [bold]{report.name}[/] at {report.path}", highlight=False)
-        console.print(f"Images: {report.images} kept; decoded {report.decoded}, reused {report.reused} "
-                      "from the previous cache", highlight=False)
-    if report.excluded or report.capped:
-        console.print(f"Left out: {report.excluded} rows of other classes, {report.capped} by --max-per-class",
-                      highlight=False)
-    _render_manifest(report.manifest, report.path)
-    console.print(f"Time: {report.seconds:.1f} s")
-
-
 @handle_errors
 def prepare_command(
     src: Path = typer.Argument(..., help="HAM10000 folder: HAM10000_metadata.csv plus "
                                "HAM10000_images_part_1/ and _2/ (or images/)."),
     name: Optional[str] = typer.Option(None, "--name", help="Data set name (default: the source folder's name)."),
-    classes: str = typer.Option("nv,bkl,mel", "--classes",
-                                help="Comma-separated codes from akiec,bcc,bkl,df,mel,nv,vasc; labels are "
+    classes: str = typer.Option(",".join(DEFAULT_CLASSES), "--classes",
+                                help=f"Comma-separated codes from {','.join(CLASS_CODES)}; labels are "
                                      "the codes sorted alphabetically (bkl=0, mel=1, nv=2)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the split and for --max-per-class."),
-    fractions: str = typer.Option("0.7,0.15,0.15", "--fractions", help="train,val,test fractions."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the split and for --max-per-class."),
+    fractions: str = typer.Option(",".join(map(str, DEFAULT_FRACTIONS)), "--fractions",
+                                  help="train,val,test fractions."),
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1,
                                                 help="Cap images per class, sampling whole lesions "
                                                      "(550 gives the usual balanced subset)."),
-    cache_size: str = typer.Option("256x192", "--cache-size", help="Cached image size, WIDTHxHEIGHT."),
+    cache_size: str = typer.Option("x".join(map(str, DEFAULT_CACHE_SIZE)), "--cache-size",
+                                   help="Cached image size, WIDTHxHEIGHT."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="Decoding threads (default: CPU count, at most 4)."),
     json_out: bool = JSON_OPTION,
@@ -119,17 +61,17 @@ def prepare_command(
 
     Exit code 5 when some rows or images were skipped (listed in problems.csv).
     """
-    from dermcam.data import prepare
+    from dermcam.data.prepare import prepare
 
     with rich_progress() as progress:
         report = prepare(src, name=name, classes=_split_list(classes, "--classes"), seed=seed,
                          fractions=_parse_fractions(fractions), max_per_class=max_per_class,
-                         cache_size=_parse_size(cache_size, "--cache-size"), workers=workers,
+                         cache_size=cache_size, workers=workers,
                          progress=progress)
     if json_out:
         print_json(report.to_dict())
     else:
-        _render_report(report)
+        views.prepare_report(report)
     if any(p.action == "skipped" for p in report.problems):
         raise typer.Exit(int(ExitCode.PARTIAL))
 
@@ -138,8 +80,8 @@ def prepare_command(
 @handle_errors
 def list_command(json_out: bool = JSON_OPTION) -> None:
     """List prepared data sets."""
-    from dermcam.data import list_prepared
-    from dermcam.store import datasets_dir
+    from dermcam.data.dataset import list_prepared
+    from dermcam.store.paths import datasets_dir
 
     manifests = list_prepared()
     if json_out:
@@ -163,7 +105,7 @@ def list_command(json_out: bool = JSON_OPTION) -> None:
 def show_command(name: str = typer.Argument(..., help="Data set name (see dermcam data list)."),
                  json_out: bool = JSON_OPTION) -> None:
     """Show one prepared data set: splits, leakage audit, problems, cache."""
-    from dermcam.data import load_prepared
+    from dermcam.data.dataset import load_prepared
 
     dataset = load_prepared(name)
     if json_out:
@@ -173,7 +115,7 @@ def show_command(name: str = typer.Argument(..., help="Data set name (see dermca
     console.print(f"[bold]{m['name']}[/] at {dataset.path}", highlight=False)
     console.print(f"Source: {m['source']}  created {m['created']} (dermcam {m['dermcam_version']})", highlight=False)
     console.print(f"Seed {m['seed']}, fractions {m['fractions']}, max per class {m['max_per_class']}", highlight=False)
-    _render_manifest(m, dataset.path)
+    views.dataset_summary(m, dataset.path)
 
 
 @data_app.command("synthetic")
@@ -187,11 +129,12 @@ def synthetic_command(
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Write a small synthetic dermoscopy-like data set (1-3 images per lesion) to try dermcam on."""
-    from dermcam.synthetic import write_synthetic_ham10000
+    from dermcam.data.geometry import parse_size
+    from dermcam.data.synthetic import write_synthetic_ham10000
 
     path = write_synthetic_ham10000(dest, n_lesions_per_class=lesions_per_class,
                                     classes=tuple(_split_list(classes, "--classes")),
-                                    size=_parse_size(size, "--size"), seed=seed)
+                                    size=parse_size(size, "--size"), seed=seed)
     images = len((path / "HAM10000_metadata.csv").read_text().splitlines()) - 1
     if json_out:
         print_json({"path": str(path.resolve()), "images": images})

@@ -8,7 +8,8 @@ from typing import Any
 
 import typer
 
-from dermcam.cli._common import console, handle_errors
+from dermcam.cli import views
+from dermcam.cli.common import console, handle_errors
 
 
 class _ConsoleObserver:
@@ -21,16 +22,14 @@ class _ConsoleObserver:
         console.print(f"[dim]{message}[/]", highlight=False)
 
     def done(self, name: str, result: Any) -> None:
-        from dermcam.cli import ckpt, data, explain, train
-
         if name == "prepare":
-            data._render_report(result)
+            views.prepare_report(result)
         elif name == "train":
-            train._print_result(result)
+            views.train_result(result)
         elif name == "ckpt list":
-            console.print(ckpt.checkpoint_table(result))
+            console.print(views.checkpoint_table(result))
         elif name == "explain":
-            console.print(explain._table(result))
+            console.print(views.explain_table(result))
 
 
 @handle_errors

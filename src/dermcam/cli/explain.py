@@ -1,53 +1,17 @@
-"""``dermcam explain``: predictions and Grad-CAM overlays for images (logic in dermcam.explain)."""
+"""``dermcam explain``: predictions and Grad-CAM overlays for images (logic in :mod:`dermcam.explain.pipeline`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich import box
-from rich.table import Table
 
-from dermcam.cli._common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli import views
+from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
 from dermcam.errors import ExitCode
+from dermcam.explain.methods import METHODS
 from dermcam.progress import rich_progress
-
-METHOD_NAMES = ("gradcam", "gradcam++", "scorecam", "eigencam")  # dermcam.cam.METHODS, without torch
-
-
-def _shown(path: Path) -> str:
-    """A path as short as it can be while still pointing at the file (relative when under the cwd)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _table(report: Any) -> Table:
-    """One row per image: predicted class in bold, then every class probability."""
-    table = Table(box=box.SIMPLE_HEAVY, title=f"checkpoint {report.checkpoint['id']}", title_justify="left")
-    table.add_column("image", overflow="fold")
-    table.add_column("predicted")
-    for name in report.classes:
-        table.add_column(f"p({name})", justify="right")
-    if report.method:
-        table.add_column("overlay", overflow="fold")
-    show_scores = any(r.faithfulness for r in report.results)
-    if show_scores:
-        table.add_column("deletion AUC ↓", justify="right")
-        table.add_column("insertion AUC ↑", justify="right")
-    for row in report.results:
-        cells = [_shown(row.image), f"[bold]{row.predicted}[/]"]
-        cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
-        if report.method:
-            cells.append(row.overlay.name if row.overlay else "-")
-        if show_scores:
-            scores = row.faithfulness or {}
-            cells += [f"{scores.get('deletion_auc', float('nan')):.3f}",
-                      f"{scores.get('insertion_auc', float('nan')):.3f}"]
-        table.add_row(*cells)
-    return table
 
 
 @handle_errors
@@ -58,7 +22,7 @@ def explain_command(
                                                   ".safetensors / exported file (default: best in the store)."),
     out: Path = typer.Option(Path("dermcam-explain"), "--out", "-o", help="Folder for overlays and sidecars."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look into sub-folders of folders."),
-    method: str = typer.Option("gradcam", "--method", metavar="|".join(METHOD_NAMES),
+    method: str = typer.Option("gradcam", "--method", metavar="|".join(METHODS),
                                help="CAM method: gradcam (default), gradcam++, scorecam (gradient-free, "
                                     "slower), eigencam (class-agnostic)."),
     target: Optional[str] = typer.Option(None, "--target", metavar="CLASS",
@@ -81,7 +45,7 @@ def explain_command(
 
     Unreadable files are reported and skipped: exit code 5 when some failed, 2 when none could be used.
     """
-    from dermcam.explain import explain, write_csv
+    from dermcam.explain.pipeline import explain, write_csv
 
     with rich_progress(enabled=not json_out) as progress:
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
@@ -93,7 +57,7 @@ def explain_command(
         print_json(report.to_dict())
     else:
         if report.results:
-            console.print(_table(report))
+            console.print(views.explain_table(report))
         what = f"{report.method} on {report.layer}" if report.method else "predictions only"
         console.print(f"{len(report.results)} explained ({what}) -> {report.out_dir}", highlight=False)
     for failure in report.failures:

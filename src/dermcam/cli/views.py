@@ -1,0 +1,226 @@
+"""How results look in the terminal: tables and summaries shared by the commands and ``dermcam demo``.
+
+Each function takes what a library call returned and prints it (or returns a rich Table); none of
+them computes anything a Python user of the library would need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from dermcam.cli.common import console
+
+_SHORT = {"balanced_accuracy": "bal.acc", "macro_f1": "F1", "auc_macro": "AUC", "accuracy": "acc",
+          "loss": "loss"}
+
+
+def human_bytes(n: float) -> str:
+    """Three significant digits: 420 KB, 21.3 MB, 1.05 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 999.5 or unit == "GB":
+            return f"{n:.3g} {unit}" if n >= 1 else f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def metric_cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def monitor_cell(monitor: dict[str, Any]) -> str:
+    name = str(monitor.get("name") or "").removeprefix("val_")
+    short = _SHORT.get(name) or (f"{name.removeprefix('recall_')} rec." if name.startswith("recall_") else name)
+    return f"{metric_cell(monitor.get('value'))} {short}".strip() if monitor else "-"
+
+
+def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
+    """The ``ckpt list`` table (also shown by ``dermcam demo``)."""
+    from dermcam.store.manage import LIST_METRICS
+    from dermcam.store.paths import runs_dir
+
+    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in rows)
+    table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
+                  caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
+    table.add_column("ID", no_wrap=True)
+    table.add_column("Backbone / data", overflow="fold", min_width=10)
+    if extra_monitor:
+        table.add_column("Monitored", justify="right", min_width=5)
+    for header in ("Bal.acc", "F1", "Mel rec", "AUC"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("Size", justify="right", no_wrap=True)
+    table.add_column("Age", justify="right", no_wrap=True)
+    table.add_column("Flags", min_width=8)
+    for row in rows:
+        monitored = str(row["monitor"].get("name", "")).removeprefix("val_")
+        cells = [f"[bold]{metric_cell(row['metrics'].get(k))}[/]" if k == monitored else metric_cell(row["metrics"].get(k))
+                 for k in LIST_METRICS]
+        flags = " ".join(f"[bold green]{f}[/]" if f == "best" else f for f in row["flags"])
+        table.add_row(row["id"], f"{row['backbone']}\n[dim]{row['dataset'] or '-'}[/]",
+                      *([monitor_cell(row["monitor"])] if extra_monitor else []), *cells,
+                      human_bytes(row["size"]), human_age(row["age_seconds"]), flags)
+    return table
+
+
+def splits_table(manifest: dict[str, Any]) -> Table:
+    classes = manifest["classes"]
+    table = Table(title="Splits (grouped by lesion)", title_justify="left")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("lesions", justify="right")
+    for code in classes:
+        table.add_column(f"{code} ({manifest['label_encoding'][code]})", justify="right")
+    for split, counts in manifest["counts"].items():
+        table.add_row(split, str(sum(counts.values())), str(manifest["lesions"][split]),
+                      *(str(counts[c]) for c in classes))
+    totals = [sum(manifest["counts"][s][c] for s in manifest["counts"]) for c in classes]
+    table.add_row("[bold]total", f"[bold]{sum(totals)}", f"[bold]{sum(manifest['lesions'].values())}",
+                  *(f"[bold]{n}" for n in totals))
+    return table
+
+
+def dataset_summary(manifest: dict[str, Any], path: Path) -> None:
+    """The parts of a summary that come from the manifest alone (shared by prepare and show)."""
+    from dermcam.data.problems import PROBLEM_ACTIONS
+
+    console.print(splits_table(manifest))
+    leakage = manifest["leakage"]
+    verdict = "[green]OK[/]" if not any(leakage.values()) else "[bold red]LEAK[/]"
+    console.print("Leakage audit (lesions shared): "
+                  + ", ".join(f"{pair} {n}" for pair, n in leakage.items()) + f"  {verdict}")
+    if manifest["problems"]:
+        problems = Table(title="Problems found in the source", title_justify="left")
+        for column in ("kind", "action", "count"):
+            problems.add_column(column, justify="right" if column == "count" else "left")
+        for kind, count in manifest["problems"].items():
+            action = PROBLEM_ACTIONS.get(kind, "?")
+            problems.add_row(kind, f"[yellow]{action}[/]" if action == "skipped" else action, str(count))
+        console.print(problems)
+        console.print(f"Full list: {path / 'problems.csv'}", highlight=False)
+    else:
+        console.print("No problems found in the source.")
+    cache = manifest["cache"]
+    size = (path / cache["file"]).stat().st_size if (path / cache["file"]).exists() else 0
+    console.print(f"Cache: {cache['file']} {size / 1e6:.1f} MB, {cache['width']}x{cache['height']} "
+                  f"{cache['dtype']} {cache['layout']}; fingerprint {manifest['fingerprint'][:12]}", highlight=False)
+
+
+def prepare_report(report: Any) -> None:
+    if report.up_to_date:
+        console.print(f"Data set [bold]{report.name}[/] is up to date, reused cache ({report.path})", highlight=False)
+    else:
+        console.print(f"Prepared data set [bold]{report.name}[/] at {report.path}", highlight=False)
+        console.print(f"Images: {report.images} kept; decoded {report.decoded}, reused {report.reused} "
+                      "from the previous cache", highlight=False)
+    if report.excluded or report.capped:
+        console.print(f"Left out: {report.excluded} rows of other classes, {report.capped} by --max-per-class",
+                      highlight=False)
+    dataset_summary(report.manifest, report.path)
+    console.print(f"Time: {report.seconds:.1f} s")
+
+
+def short_path(path: Path) -> str:
+    """A path as short as it can be while still pointing at the file (relative when under the cwd)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def explain_table(report: Any) -> Table:
+    """One row per image: predicted class in bold, then every class probability."""
+    table = Table(box=box.SIMPLE_HEAVY, title=f"checkpoint {report.checkpoint['id']}", title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("predicted")
+    for name in report.classes:
+        table.add_column(f"p({name})", justify="right")
+    if report.method:
+        table.add_column("overlay", overflow="fold")
+    show_scores = any(r.faithfulness for r in report.results)
+    if show_scores:
+        table.add_column("deletion AUC ↓", justify="right")
+        table.add_column("insertion AUC ↑", justify="right")
+    for row in report.results:
+        cells = [short_path(row.image), f"[bold]{row.predicted}[/]"]
+        cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
+        if report.method:
+            cells.append(row.overlay.name if row.overlay else "-")
+        if show_scores:
+            scores = row.faithfulness or {}
+            cells += [f"{scores.get('deletion_auc', float('nan')):.3f}",
+                      f"{scores.get('insertion_auc', float('nan')):.3f}"]
+        table.add_row(*cells)
+    return table
+
+
+def train_result(result: Any) -> None:
+    from rich.table import Table
+
+    from dermcam.evaluate.metrics import format_value
+
+    console.print(f"\n[bold]Run {result.run_id}[/] ({result.config.backbone}, {result.epochs_done} epochs"
+                  f"{', stopped early' if result.stopped_early else ''}, {result.seconds / 60:.1f} min)")
+    if result.best_id is None:
+        console.print("No checkpoint was saved.")
+        return
+    console.print(f"Best checkpoint: [bold]{result.best_id}[/] ({result.config.monitor} = {result.best_value:.4f})")
+    if result.test_metrics:
+        metrics = result.test_metrics
+        table = Table(title="Test split (best checkpoint)")
+        for column in ("balanced acc", "macro F1", "AUC (macro)", "accuracy"):
+            table.add_column(column, justify="right")
+        table.add_row(*(format_value(metrics.get(k)) for k in ("balanced_accuracy", "macro_f1", "auc_macro", "accuracy")))
+        console.print(table)
+        recalls = "  ".join(f"{k.removeprefix('recall_')} {v:.3f}" for k, v in metrics.items() if k.startswith("recall_"))
+        console.print(f"Per-class recall: {recalls}")
+    if result.report_files:
+        console.print(f"Report: {result.report_files[0].parent}")
+
+
+def train_comparison(results: list[Any], best: Any) -> None:
+    from rich.table import Table
+
+    from dermcam.evaluate.metrics import format_value
+
+    table = Table(title="Comparison (best run marked *)")
+    for column in ("", "run", "backbone", "lr", "size", "seed", "epochs", "best val", "test bal.acc", "test mel recall"):
+        table.add_column(column)
+    for r in results:
+        test = r.test_metrics or {}
+        table.add_row("*" if best is not None and r.run_id == best.run_id else "", r.run_id, r.config.backbone,
+                      f"{r.config.lr:g}", str(r.config.image_size or "default"), str(r.config.seed),
+                      str(r.epochs_done), format_value(r.best_value), format_value(test.get("balanced_accuracy")),
+                      format_value(test.get("recall_mel")))
+    console.print(table)
+    if best is not None:
+        console.print(f"Best: [bold]{best.best_id}[/] — explain and evaluate use the best checkpoint by default.")
+
+
+def evaluation(result: Any) -> None:
+    """``dermcam evaluate``: per-class table, then the headline metrics."""
+    from dermcam.evaluate.metrics import format_value
+
+    metrics = result.metrics
+    table = Table(title=f"{result.checkpoint_id} on {result.dataset}/{result.split} (n={metrics['n']})")
+    table.add_column("class")
+    for column in ("recall", "precision", "F1", "AUC", "support"):
+        table.add_column(column, justify="right")
+    for code in result.classes:
+        table.add_row(code, *(format_value(metrics.get(f"{k}_{code}"))
+                              for k in ("recall", "precision", "f1", "auc", "support")))
+    console.print(table)
+    console.print(f"balanced accuracy {format_value(metrics['balanced_accuracy'])}   macro F1 "
+                  f"{format_value(metrics['macro_f1'])}   AUC (macro) {format_value(metrics['auc_macro'])}   "
+                  f"accuracy {format_value(metrics['accuracy'])}")

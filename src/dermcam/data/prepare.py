@@ -1,0 +1,290 @@
+"""Prepared data sets: a HAM10000 folder in, a clean, split, pre-decoded data set out.
+
+``prepare`` reads a HAM10000 folder as Kaggle ships it, repairs or skips every bad row and image
+(and reports each one), splits train/val/test by lesion so no lesion sits on two sides, and decodes
+every image once into a single uint8 array that training memory-maps. The on-disk format is a
+contract with the training code (see docs/data.md)::
+
+    <store root>/datasets/<name>/
+        manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint
+        index.csv       one row per image; row i describes images[i]
+        images.npy      uint8 N x H x W x 3, loaded with np.load(mmap_mode="r")
+        problems.csv    every problem found in the source and what was done about it
+
+Re-running ``prepare`` on unchanged input costs one pass of hashing: the content fingerprint matches
+and the set is reused. When only some images changed, rows of unchanged images (same sha256) are
+copied from the old cache and only the rest is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dermcam import __version__
+from dermcam.data.cache import CACHE_FILE, parallel_map, write_cache
+from dermcam.data.classes import DEFAULT_CLASSES, check_classes
+from dermcam.data.dataset import SCHEMA
+from dermcam.data.geometry import DEFAULT_CACHE_SIZE, parse_size
+from dermcam.data.problems import PROBLEM_COLUMNS, Problem, problem_counts
+from dermcam.data.sources.ham10000 import clean_rows, find_images, find_metadata_csv, match_files, read_metadata
+from dermcam.data.split import DEFAULT_FRACTIONS, SPLITS, cap_per_class, group_keys, leakage_audit, split_by_lesion
+from dermcam.errors import BadInputError, NotFoundError
+from dermcam.progress import Progress
+from dermcam.store.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from dermcam.store.locks import store_lock
+from dermcam.store.paths import datasets_dir
+
+INDEX_COLUMNS = ("image_id", "lesion_id", "dx", "label", "split", "dx_type", "age", "sex", "localization",
+                 "source", "sha256")
+
+
+# Bump when decoding, resizing or splitting changes, so old sets stop matching the fingerprint.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did: the manifest written plus how the work went."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    up_to_date: bool  # the set already matched the fingerprint and was reused as is
+    reused: int  # cache rows copied from the previous version of the set
+    decoded: int  # images decoded in this run
+    excluded: int  # rows of classes not chosen
+    capped: int  # rows left out by --max-per-class
+    seconds: float
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(sum(c.values()) for c in self.manifest["counts"].values())
+
+    @property
+    def cache_bytes(self) -> int:
+        return (self.path / CACHE_FILE).stat().st_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "up_to_date": self.up_to_date,
+                "images": self.images, "reused": self.reused, "decoded": self.decoded,
+                "excluded": self.excluded, "capped": self.capped, "cache_bytes": self.cache_bytes,
+                "seconds": round(self.seconds, 3), "problems_file": str(self.path / "problems.csv"),
+                "manifest": self.manifest}
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or any(not np.isfinite(v) or v < 0 for v in values):
+        raise BadInputError("fractions must be three non-negative numbers: train,val,test (e.g. 0.7,0.15,0.15)")
+    if abs(sum(values) - 1.0) > 1e-6 or values[0] <= 0:
+        raise BadInputError(f"fractions {','.join(map(str, values))} must sum to 1 with a non-zero train part")
+    return values  # type: ignore[return-value]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise BadInputError(f"data set name '{name}' must be 1-64 letters, digits, '.', '_' or '-' "
+                            "and start with a letter or digit")
+    return name
+
+
+def default_name(src: Path) -> str:
+    """The source folder's name, made safe as a folder name in the store."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(src).resolve().name).strip("-._")[:64] or "dataset"
+
+
+def _fingerprint(csv_sha: str, table: pd.DataFrame, unlisted: list[str], options: dict[str, Any]) -> str:
+    """One hash over everything that shapes the output: CSV, used image bytes, options, code version."""
+    payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "csv": csv_sha, "options": options,
+               "images": sorted(zip(table["source"], table["sha256"])), "unlisted": sorted(unlisted)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _summaries(table: pd.DataFrame, classes: list[str]) -> tuple[dict, dict]:
+    counts = {s: {c: int(((table["split"] == s) & (table["dx"] == c)).sum()) for c in classes} for s in SPLITS}
+    groups = group_keys(table)
+    lesions = {s: int(groups[table["split"] == s].nunique()) for s in SPLITS}
+    return counts, lesions
+
+
+def _frame_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False, lineterminator="\n").encode()
+
+
+def _swap_into_place(build: Path, target: Path, root: Path | None) -> None:
+    """Replace ``target`` with the finished ``build`` folder; the old set is removed only after."""
+    with store_lock("datasets", root=root):
+        retired = None
+        if target.exists():
+            retired = target.with_name(f".{target.name}.{os.getpid()}.{time.time_ns()}.old")
+            os.replace(target, retired)
+        os.replace(build, target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+
+
+@dataclass
+class _Options:
+    """Validated prepare options; ``key()`` is the part that shapes the output (and the fingerprint)."""
+
+    classes: list[str]
+    seed: int
+    fractions: tuple[float, float, float]
+    max_per_class: int | None
+    size: tuple[int, int]
+
+    def key(self) -> dict[str, Any]:
+        return {"classes": self.classes, "seed": self.seed, "fractions": list(self.fractions),
+                "max_per_class": self.max_per_class, "width": self.size[0], "height": self.size[1]}
+
+
+@dataclass
+class _Scan:
+    """The source as prepare sees it before decoding: kept rows (with file and sha256) and problems."""
+
+    table: pd.DataFrame
+    problems: list[Problem]
+    excluded: int
+    capped: int
+    fingerprint: str
+
+
+def _scan(src: Path, options: _Options, workers: int, progress: Progress) -> _Scan:
+    """Read and clean the metadata, match image files, apply the cap, hash, fingerprint."""
+    csv_path = find_metadata_csv(src)
+    csv_bytes = csv_path.read_bytes()
+    raw, problems = read_metadata(csv_bytes, csv_path.name)
+    files = find_images(src)
+    table, row_problems, excluded = clean_rows(raw, csv_path.name, options.classes)
+    table, file_problems = match_files(table, files, set(raw["image_id"]), src)
+    problems += row_problems + file_problems
+    capped = 0
+    if options.max_per_class is not None:
+        before = len(table)
+        table = cap_per_class(table, options.max_per_class, options.seed)
+        capped = before - len(table)
+    hashes = parallel_map(sha256_file, [src / s for s in table["source"]], workers, progress, "Hashing images")
+    table = table.assign(sha256=hashes).reset_index(drop=True)
+    unlisted = [p.file for p in problems if p.kind == "unlisted_image"]
+    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, unlisted, options.key())
+    return _Scan(table, problems, excluded, capped, fingerprint)
+
+
+def _manifest(name: str, src: Path, options: _Options, scan: _Scan, table: pd.DataFrame,
+              problems: list[Problem]) -> dict[str, Any]:
+    """The manifest of the finished set (the format contract, see the module doc)."""
+    counts, lesions = _summaries(table, options.classes)
+    return {
+        "schema": SCHEMA, "name": name, "source": str(src),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dermcam_version": __version__, "classes": options.classes,
+        "label_encoding": {c: i for i, c in enumerate(options.classes)}, "fingerprint": scan.fingerprint,
+        "cache": {"file": CACHE_FILE, "width": options.size[0], "height": options.size[1], "dtype": "uint8",
+                  "layout": "NHWC"},
+        "seed": options.seed, "fractions": list(options.fractions), "max_per_class": options.max_per_class,
+        "counts": counts, "lesions": lesions, "leakage": leakage_audit(group_keys(table), table["split"]),
+        "problems": problem_counts(problems),
+    }
+
+
+def _build(build: Path, target: Path, src: Path, options: _Options, scan: _Scan, workers: int,
+           progress: Progress) -> tuple[dict[str, Any], list[Problem], int, int]:
+    """Write the whole set into the ``build`` folder. Returns manifest, problems, reused, decoded."""
+    ok, image_problems, reused = write_cache(build / CACHE_FILE, scan.table, src, target, options.size,
+                                              workers, progress)
+    problems = scan.problems + image_problems
+    table = scan.table[ok].reset_index(drop=True)
+    _check_usable(table, options.classes)
+    table["split"] = split_by_lesion(group_keys(table), table["dx"], options.fractions, options.seed)
+    table["label"] = table["dx"].map({c: i for i, c in enumerate(options.classes)}).astype(int)
+    manifest = _manifest(target.name, src, options, scan, table, problems)
+    atomic_write_bytes(build / "index.csv", _frame_bytes(table[list(INDEX_COLUMNS)]))
+    atomic_write_bytes(build / "problems.csv",
+                       _frame_bytes(pd.DataFrame([p.row() for p in problems], columns=list(PROBLEM_COLUMNS))))
+    atomic_write_json(build / "manifest.json", manifest)
+    return manifest, problems, reused, int(ok.sum()) - reused
+
+
+def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFAULT_CLASSES, seed: int = 0,
+            fractions: Sequence[float] = DEFAULT_FRACTIONS, max_per_class: int | None = None,
+            cache_size: tuple[int, int] | str = DEFAULT_CACHE_SIZE, workers: int | None = None,
+            progress: Progress | None = None, root: Path | None = None) -> PrepareReport:
+    """Prepare the HAM10000 folder ``src`` as data set ``name`` in the store (see the module doc).
+
+    Raises BadInputError (an unusable source or option) and NotFoundError (no ``src``); on any error
+    the store is left exactly as it was: the set is built in a hidden folder and renamed into place.
+    """
+    started = time.monotonic()
+    progress = progress or Progress()
+    workers = workers or min(4, os.cpu_count() or 1)
+    src = Path(src).expanduser().resolve()
+    if not src.exists():
+        raise NotFoundError(f"{src} does not exist")
+    if not src.is_dir():
+        raise BadInputError(f"{src} is not a folder: give the HAM10000 folder holding HAM10000_metadata.csv")
+    if max_per_class is not None and max_per_class < 1:
+        raise BadInputError("--max-per-class must be at least 1")
+    options = _Options(check_classes(classes), seed, _check_fractions(fractions), max_per_class,
+                       parse_size(cache_size, "--cache-size"))
+    name = _check_name(name) if name else default_name(src)
+
+    scan = _scan(src, options, workers, progress)
+    target = datasets_dir(root) / name
+    current = _reuse_if_current(target, scan, started)
+    if current is not None:
+        return current
+    datasets_dir(root).mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=datasets_dir(root), prefix=f".{name}.", suffix=".build"))
+    try:
+        manifest, problems, reused, decoded = _build(build, target, src, options, scan, workers, progress)
+        _swap_into_place(build, target, root)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return PrepareReport(name=name, path=target, manifest=manifest, up_to_date=False, reused=reused,
+                         decoded=decoded, excluded=scan.excluded, capped=scan.capped,
+                         seconds=time.monotonic() - started, problems=problems)
+
+
+def _check_usable(table: pd.DataFrame, classes: list[str]) -> None:
+    """A set without images of every chosen class cannot train a classifier: refuse it."""
+    present = set(table["dx"])
+    empty = [c for c in classes if c not in present]
+    if empty:
+        raise BadInputError(f"no usable images of class {', '.join(empty)} (see the problems reported above "
+                            "or choose other --classes)")
+
+
+def _reuse_if_current(target: Path, scan: _Scan, started: float) -> PrepareReport | None:
+    """The existing set as a report, when it was built from exactly this input and is intact."""
+    try:
+        manifest = read_json(target / "manifest.json")
+        images = np.load(target / CACHE_FILE, mmap_mode="r", allow_pickle=False)
+        problems = pd.read_csv(target / "problems.csv", dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    total = sum(sum(c.values()) for c in manifest.get("counts", {}).values())
+    if manifest.get("fingerprint") != scan.fingerprint or len(images) != total:
+        return None
+    listed = [Problem(r.file, r.image_id, r.kind, r.detail) for r in problems.itertuples()]
+    return PrepareReport(name=target.name, path=target, manifest=manifest, up_to_date=True, reused=total,
+                         decoded=0, excluded=scan.excluded, capped=scan.capped,
+                         seconds=time.monotonic() - started, problems=listed)

@@ -1,0 +1,50 @@
+"""Problems found in a source folder: each one fixed or skipped, never silent, listed in ``problems.csv``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROBLEM_COLUMNS = ("file", "image_id", "kind", "action", "detail")
+
+
+# Every kind of problem prepare reports, and what it does about it.
+PROBLEM_ACTIONS: dict[str, str] = {
+    "missing_column": "fixed",  # optional column absent: filled with empty values
+    "missing_image_id": "skipped",
+    "unknown_dx": "skipped",  # dx not one of the seven HAM10000 codes
+    "listed_twice": "fixed",  # identical rows: kept once
+    "duplicate_image_id": "skipped",  # rows with one image_id that disagree: label is ambiguous
+    "missing_lesion_id": "fixed",  # treated as a lesion of its own
+    "missing_image": "skipped",
+    "duplicate_file": "fixed",  # identical copies in two image folders: first one used
+    "conflicting_files": "skipped",  # different files with the same image_id
+    "unlisted_image": "skipped",  # an image file no CSV row names
+    "unreadable": "skipped",
+    "truncated": "skipped",
+    "converted": "fixed",  # grayscale, RGBA, CMYK, palette, 16-bit...: converted to 8-bit RGB
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in the source; the full list goes to ``problems.csv``."""
+
+    file: str
+    image_id: str
+    kind: str
+    detail: str
+
+    @property
+    def action(self) -> str:
+        return PROBLEM_ACTIONS[self.kind]
+
+    def row(self) -> dict[str, str]:
+        return {"file": self.file, "image_id": self.image_id, "kind": self.kind, "action": self.action,
+                "detail": self.detail}
+
+
+def problem_counts(problems: list[Problem]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    return {k: counts[k] for k in PROBLEM_ACTIONS if k in counts}

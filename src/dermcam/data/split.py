@@ -1,0 +1,80 @@
+"""Lesion-grouped train/val/test splits: no lesion (or patient) ever sits on two sides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pandas is imported where it is used: the CLI reads the defaults below without it
+    import pandas as pd
+
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def group_keys(table: pd.DataFrame) -> pd.Series:
+    """The grouping key of each row: its lesion_id, or the image itself when lesion_id is empty."""
+    return table["lesion_id"].where(table["lesion_id"] != "", "image:" + table["image_id"])
+
+
+def lesion_table(groups: Sequence[str], labels: Sequence[str]) -> pd.DataFrame:
+    """One row per lesion: its image count and majority label."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"group": list(groups), "label": list(labels)})
+    counts = frame.groupby(["group", "label"]).size().rename("n").reset_index()
+    majority = counts.sort_values(["group", "n"], ascending=[True, False], kind="stable").drop_duplicates("group")
+    size = frame.groupby("group").size().rename("size")
+    return majority.set_index("group")[["label"]].join(size)
+
+
+def split_by_lesion(groups: Sequence[str], labels: Sequence[str], fractions: Sequence[float],
+                    seed: int) -> np.ndarray:
+    """Assign each row to train/val/test so that a group (lesion) never spans two splits.
+
+    Stratified per class: the class's lesions are taken in a seeded random order and each goes to
+    the split that is proportionally furthest behind its target image count (filled / target), so
+    the splits fill up in step. Grouping is exact by construction, image ratios per class end
+    within one lesion of the fractions, lesion sizes are spread evenly (no split gets only the
+    single-image lesions), and even a class of three lesions puts one in each split.
+    """
+    rng = np.random.default_rng(seed)
+    wanted = np.asarray(fractions, dtype=float)
+    assignment: dict[str, str] = {}
+    for _, members in lesion_table(groups, labels).groupby("label", sort=True):
+        members = members.iloc[rng.permutation(len(members))]
+        target = wanted * members["size"].sum()
+        filled = np.zeros(len(SPLITS))
+        for name, size in members["size"].items():
+            behind = np.where(target > 0, filled / np.where(target > 0, target, 1), np.inf)
+            split = int(np.argmin(behind))
+            assignment[name] = SPLITS[split]
+            filled[split] += size
+    return np.array([assignment[g] for g in groups], dtype=object)
+
+
+def leakage_audit(groups: Sequence[str], splits: Sequence[str]) -> dict[str, int]:
+    """How many groups (lesions) each pair of splits shares; a correct split has zeros everywhere."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"group": list(groups), "split": list(splits)})
+    members = {s: set(frame.loc[frame["split"] == s, "group"]) for s in SPLITS}
+    return {f"{a}/{b}": len(members[a] & members[b])
+            for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:]}
+
+
+def cap_per_class(table: pd.DataFrame, max_per_class: int, seed: int) -> pd.DataFrame:
+    """At most ``max_per_class`` images per class, taking whole lesions in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    groups = group_keys(table)
+    keep: set[str] = set()
+    for _, lesions in lesion_table(groups, table["dx"]).groupby("label", sort=True):
+        lesions = lesions.iloc[rng.permutation(len(lesions))]
+        total = 0
+        for name, size in lesions["size"].items():
+            if total + size <= max_per_class:
+                keep.add(name)
+                total += size
+    return table[groups.isin(keep)]

@@ -1,0 +1,49 @@
+"""Class probabilities for rows of a prepared set's cache, batched, on any device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from dermcam.models.device import autocast
+from dermcam.progress import Progress
+
+
+def batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), batch_size):
+        yield rows[start:start + batch_size]
+
+
+def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, input_size: Sequence[int],
+            mean: Sequence[float], std: Sequence[float], device: Any, precision: str = "fp32",
+            batch_size: int = 64, tta: bool = False, channels_last: bool = False,
+            progress: Progress | None = None, description: str = "predict") -> np.ndarray:
+    """Class probabilities (N, K) for cache rows ``rows``; ``tta`` averages over flips."""
+    import torch
+
+    from dermcam.data.geometry import flips, normalize, resize, to_float
+
+    progress = progress or Progress()
+    size = (int(input_size[-2]), int(input_size[-1]))
+    was_training = model.training
+    model.eval()
+    out = []
+    progress.start(description, total=len(rows))
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for chunk in batches(np.asarray(rows), batch_size):
+                x = normalize(resize(to_float(images[chunk]), size), mean, std)
+                x = x.to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                views = flips(x) if tta else [x]
+                probs = torch.stack([model(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+                out.append(probs.cpu().numpy())
+                progress.advance(len(chunk))
+    finally:
+        progress.finish()
+        model.train(was_training)
+    k = out[0].shape[1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)

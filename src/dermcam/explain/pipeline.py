@@ -1,0 +1,296 @@
+"""``dermcam explain``: classify dermoscopy photos and show where the model looked.
+
+For every image: the class probabilities, an overlay PNG at the photo's own resolution (the CAM of
+the predicted class, or of ``target``) and a JSON sidecar saying exactly what produced it
+(checkpoint id and sha256, method, layer, target, input size, dermcam version), so an overlay found
+in a report months later can be traced and reproduced.
+
+A bad file (missing, unreadable, truncated, not an image, a decompression bomb) is reported on one
+line and skipped: the other images are still explained. Images are read with EXIF orientation
+applied (phone dermatoscopes store rotated JPEGs), 16-bit and float images are scaled to 8 bits, and
+transparency is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dermcam import __version__
+from dermcam.data.images import load_image
+from dermcam.errors import BadInputError, DermcamError, ExitCode, NotFoundError
+from dermcam.progress import Progress
+from dermcam.store.files import atomic_path, atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+SCHEMA = "dermcam.explain/1"
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+BATCH_SIZE = 8
+
+
+@dataclass
+class ExplainedImage:
+    """One image that went through: what the model said and where the files are."""
+
+    image: Path
+    predicted: str
+    probabilities: dict[str, float]
+    target: str | None
+    overlay: Path | None
+    sidecar: Path
+    npy: Path | None = None
+    faithfulness: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": str(self.image), "status": "ok", "predicted": self.predicted,
+                "probabilities": self.probabilities, "target": self.target,
+                "overlay": str(self.overlay) if self.overlay else None, "sidecar": str(self.sidecar),
+                "npy": str(self.npy) if self.npy else None, "faithfulness": self.faithfulness}
+
+
+@dataclass
+class ExplainFailure:
+    """One image that could not be used, and why (one line, naming the file)."""
+
+    image: Path
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": str(self.image), "status": "error", "error": self.error}
+
+
+@dataclass
+class ExplainReport:
+    checkpoint: dict[str, Any]
+    classes: list[str]
+    method: str | None
+    layer: str | None
+    tta: bool
+    out_dir: Path
+    inputs: list[Path] = field(default_factory=list)  # every input image, in the order given
+    results: list[ExplainedImage] = field(default_factory=list)
+    failures: list[ExplainFailure] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """OK; PARTIAL when some images failed; BAD_INPUT when none could be used."""
+        if not self.failures:
+            return ExitCode.OK
+        return ExitCode.PARTIAL if self.results else ExitCode.BAD_INPUT
+
+    def rows(self) -> list[ExplainedImage | ExplainFailure]:
+        """Results and failures in input order."""
+        order = {path: i for i, path in enumerate(self.inputs)}
+        return sorted([*self.results, *self.failures], key=lambda r: order.get(r.image, len(order)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "classes": self.classes, "method": self.method,
+                "layer": self.layer, "tta": self.tta, "out_dir": str(self.out_dir),
+                "images": [r.to_dict() for r in self.rows()],
+                "ok": len(self.results), "failed": len(self.failures)}
+
+
+def collect_images(paths: Iterable[Path],
+                   recursive: bool = False) -> tuple[list[tuple[Path, Path]], list[ExplainFailure]]:
+    """(image, output name without suffix) for every input, plus failures for paths that do not exist.
+
+    A named file is taken whatever its extension (and fails later if it is not an image); a folder
+    contributes its files with an image extension, recursively with ``recursive``, and its
+    sub-folders are mirrored in the output names so equal file names never overwrite each other.
+    """
+    found: list[tuple[Path, Path]] = []
+    failures: list[ExplainFailure] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            pattern = path.rglob("*") if recursive else path.iterdir()
+            images = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found.extend((p, p.relative_to(path).with_suffix("")) for p in images)
+        elif path.exists():
+            found.append((path, Path(path.stem)))
+        else:
+            failures.append(ExplainFailure(path, f"{path}: no such file or folder"))
+    if not found and not failures:
+        raise NotFoundError("no images found in " + ", ".join(str(p) for p in paths)
+                            + (" (use --recursive for sub-folders)" if not recursive else ""))
+    return _unique_names(found), failures
+
+
+def _unique_names(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """Drop repeated inputs; give ``a.jpg`` and ``a.png`` the names ``a`` and ``a-2``."""
+    seen_inputs: set[Path] = set()
+    taken: set[str] = set()
+    unique = []
+    for image, name in found:
+        key = image.resolve()
+        if key in seen_inputs:
+            continue
+        seen_inputs.add(key)
+        candidate, n = name, 1
+        while str(candidate).lower() in taken:
+            n += 1
+            candidate = name.with_name(f"{name.name}-{n}")
+        taken.add(str(candidate).lower())
+        unique.append((image, candidate))
+    return unique
+
+
+def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | None:
+    """A class name (``mel``) or index (``2``) -> index; a one-line error listing the classes."""
+    if target is None:
+        return None
+    text = str(target).strip()
+    if text in classes:
+        return list(classes).index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    raise BadInputError(f"unknown target class {text!r}; this model's classes are {', '.join(classes)}")
+
+
+def checkpoint_identity(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the weights: store id (or exported file name), sha256 of the weights file, backbone."""
+    sha = sidecar.get("sha256") or (sidecar.get("weights") or {}).get("sha256")
+    return {"id": sidecar.get("id"), "sha256": sha, "backbone": sidecar.get("backbone")}
+
+
+def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, report: ExplainReport,
+                   sidecar: dict[str, Any], probs: np.ndarray, target: int | None, cam_map: np.ndarray | None,
+                   save_npy: bool, scores: dict[str, float] | None) -> ExplainedImage:
+    from dermcam.explain.render import render_overlay, save_png
+
+    classes = report.classes
+    predicted = classes[int(np.argmax(probs))]
+    probabilities = {c: round(float(p), 6) for c, p in zip(classes, probs)}
+    target_name = classes[target] if target is not None else None
+    overlay = npy = None
+    if cam_map is not None and target is not None:
+        overlay = save_png(render_overlay(image, cam_map, label=target_name, probability=float(probs[target])),
+                           out_dir / name.with_name(f"{name.name}.cam.png"))
+        if save_npy:
+            npy = out_dir / name.with_name(f"{name.name}.cam.npy")
+            with atomic_path(npy) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, cam_map.astype(np.float32), allow_pickle=False)
+    meta_path = out_dir / name.with_name(f"{name.name}.json")
+    atomic_write_json(meta_path, {
+        "schema": SCHEMA, "image": str(source), "image_size": list(image.size),
+        "checkpoint": report.checkpoint, "classes": classes, "predicted": predicted,
+        "probabilities": probabilities, "method": report.method if overlay else None,
+        "target_class": target_name, "target_layer": report.layer if overlay else None, "tta": report.tta,
+        "input_size": list(sidecar["preprocessing"]["input_size"]),
+        "overlay": overlay.name if overlay else None, "npy": npy.name if npy else None,
+        "faithfulness": scores, "dermcam_version": __version__,
+    })
+    return ExplainedImage(source, predicted, probabilities, target_name, overlay, meta_path, npy, scores)
+
+
+def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, Path, Image.Image]], report: ExplainReport,
+                   sidecar: dict[str, Any], target: int | None, cam: bool, save_npy: bool, score: bool,
+                   reshape_transform: Any) -> None:
+    import torch
+
+    from dermcam.data.geometry import model_input
+    from dermcam.explain.faithfulness import faithfulness
+    from dermcam.explain.methods import compute_cam
+    from dermcam.explain.tta import predict
+
+    x = torch.stack([model_input(image, sidecar["preprocessing"]) for _, _, image in batch])
+    maps: np.ndarray | list[None]
+    if cam:
+        assert report.method is not None
+        result = compute_cam(model, x, report.method, target_layer=report.layer, target=target,
+                             tta=report.tta, reshape_transform=reshape_transform)
+        probs, maps, targets = result.probs, result.maps, result.targets
+    else:
+        probs = predict(model, x, tta=report.tta)[1]
+        maps, targets = [None] * len(batch), [target] * len(batch)
+    scores: list[dict[str, float] | None] = [None] * len(batch)
+    if cam and score:
+        measured = faithfulness(model, x, result.maps, result.targets)
+        scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
+                  for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
+    for (source, name, image), p, m, t, s in zip(batch, probs, maps, targets, scores):
+        report.results.append(_write_outputs(image, source, name, report.out_dir, report, sidecar, p, t, m,
+                                             save_npy, s))
+
+
+def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None,
+            out_dir: Path = Path("dermcam-explain"), recursive: bool = False, method: str = "gradcam",
+            target: str | int | None = None, layer: str | None = None, tta: bool = False, cam: bool = True,
+            save_npy: bool = False, score: bool = False, progress: Progress | None = None) -> ExplainReport:
+    """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
+    and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
+
+    ``checkpoint``: anything :func:`dermcam.checkpoints.load_for_inference` accepts (default: the
+    best checkpoint in the store). ``target``: class name or index to explain instead of each
+    prediction. ``layer``: module name (default: :func:`dermcam.models.find_target_layer`).
+    ``score``: add deletion/insertion AUC (costs ~40 extra forwards per image).
+    Bad images become :class:`ExplainFailure` entries; everything else raises.
+    """
+    from dermcam.explain.cam import resolve_layer
+    from dermcam.explain.methods import METHODS
+    from dermcam.models.layers import find_target_layer, reshape_transform_for
+    from dermcam.store.inference import load_for_inference
+
+    if method not in METHODS:
+        raise BadInputError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    if score and not cam:
+        raise BadInputError("--score measures the CAM, so it cannot be combined with --no-cam")
+    images, failures = collect_images([Path(p) for p in paths], recursive)
+    model, sidecar = load_for_inference(checkpoint)
+    classes = list(sidecar["classes"])
+    target_index = resolve_target(target, classes)
+    if cam:
+        layer = layer or find_target_layer(model)
+        resolve_layer(model, layer)  # a wrong --layer fails now, not once per image
+    report = ExplainReport(checkpoint=checkpoint_identity(sidecar), classes=classes,
+                           method=method if cam else None, layer=layer if cam else None, tta=tta,
+                           out_dir=Path(out_dir), failures=failures,
+                           inputs=[f.image for f in failures] + [p for p, _ in images])
+    reshape_transform = reshape_transform_for(model) if cam else None
+    progress = progress or Progress()
+    progress.start("explain", total=len(images))
+    batch: list[tuple[Path, Path, Image.Image]] = []
+    for i, (source, name) in enumerate(images):
+        try:
+            batch.append((source, name, load_image(source)))
+        except DermcamError as exc:
+            report.failures.append(ExplainFailure(source, str(exc)))
+            progress.advance()
+        if len(batch) == BATCH_SIZE or (i == len(images) - 1 and batch):
+            _explain_batch(model, batch, report, sidecar, target_index, cam, save_npy, score, reshape_transform)
+            progress.advance(len(batch))
+            batch = []
+    progress.finish()
+    return report
+
+
+def write_csv(report: ExplainReport, path: Path) -> Path:
+    """One row per input image (failures included, with their error), one probability column per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    classes = report.classes
+    writer.writerow(["image", "status", "predicted", *(f"p_{c}" for c in classes), "target", "overlay",
+                     "deletion_auc", "insertion_auc", "error"])
+    for row in report.rows():
+        if isinstance(row, ExplainFailure):
+            writer.writerow([row.image, "error", "", *([""] * len(classes)), "", "", "", "", row.error])
+            continue
+        scores = row.faithfulness or {}
+        writer.writerow([row.image, "ok", row.predicted, *(f"{row.probabilities[c]:.6f}" for c in classes),
+                         row.target or "", row.overlay or "", scores.get("deletion_auc", ""),
+                         scores.get("insertion_auc", ""), ""])
+    atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
+    return Path(path)

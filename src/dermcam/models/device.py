@@ -1,0 +1,87 @@
+"""Where and in which precision the model runs: CUDA when present, bf16 only where the hardware has it natively."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dermcam.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+import contextlib
+
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast can pay off.
+
+    Without those instructions PyTorch emulates bf16 and autocast is slower than fp32 (see
+    docs/models.md for measurements). Reads /proc/cpuinfo on Linux, else asks torch's CPU probes.
+    """
+    if _CPUINFO.exists():
+        flags: set[str] = set()
+        for line in _CPUINFO.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """The torch device to train / infer on: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``. Asking for an accelerator that is not there is a :class:`BadInputError`."""
+    import torch
+
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise BadInputError(f"unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(f"device '{requested}' requested but CUDA is not available "
+                                f"(torch {torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInputError(f"device '{requested}' requested but only {torch.cuda.device_count()} "
+                                "CUDA device(s) exist")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise BadInputError("device 'mps' requested but Apple MPS is not available; use cpu or auto")
+    elif device.type != "cpu":
+        raise BadInputError(f"unsupported device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16/fp16 autocast where asked for; a no-op context for fp32."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(requested: str, device: Any) -> str:
+    """``auto``: bf16 on CUDA cards and CPUs that support it (AMX/AVX512-BF16), else fp16 (CUDA) / fp32."""
+    import torch
+
+    pass
+
+    if requested not in ("auto", "bf16", "fp16", "fp32"):
+        raise BadInputError(f"--precision must be auto, bf16, fp16 or fp32, not '{requested}'")
+    if requested == "fp16" and device.type != "cuda":
+        raise BadInputError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"

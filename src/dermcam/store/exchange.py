@@ -1,0 +1,431 @@
+"""Self-contained exported models: one ``.safetensors`` file that runs anywhere timm runs.
+
+An exported file holds the weights and, in the safetensors header's ``__metadata__["dermcam"]``, one
+JSON document (schema ``dermcam.export/1``) with everything inference needs: backbone, classes, label
+encoding, preprocessing, validation metrics, the training config, versions and where it came from.
+It loads without dermcam (see docs/checkpoints.md)::
+
+    meta = json.loads(safe_open(path, "pt").metadata()["dermcam"])
+    model = timm.create_model(meta["backbone"], num_classes=len(meta["classes"]))
+    model.load_state_dict(safetensors.torch.load_file(path))
+
+Exported files travel between machines, so :func:`read_exported` treats them as untrusted: the header
+is parsed by hand with size limits before safetensors sees the file, every field is type-checked, the
+tensor names and shapes must be exactly those of the backbone, and a digest of the tensors (stored in
+the metadata) catches truncation and tampering. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
+from dermcam.store.checkpoint import Checkpoint, versions
+from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
+from dermcam.store.locks import store_lock
+from dermcam.store.references import resolve
+from dermcam.store.tensors import save_tensors
+
+if TYPE_CHECKING:
+    import torch
+import shutil
+
+from dermcam.store.checkpoint import save_checkpoint
+from dermcam.store.runs import create_run, list_checkpoints, new_run_id, update_run
+
+EXPORT_SCHEMA = "dermcam.export/1"
+
+
+METADATA_KEY = "dermcam"
+
+
+EXPORTS_FILE = "exports.json"
+
+
+# A real header is a few hundred bytes per tensor; these limits stop a hostile file from making us
+# read or parse gigabytes of JSON before anything else is checked.
+MAX_HEADER_BYTES = 8 << 20
+
+
+MAX_METADATA_BYTES = 1 << 20
+
+
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+_FLOAT_CODES = set(DTYPES.values())
+
+
+_BACKBONE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """A validated exported file: its metadata, its tensors (as stored) and the file's sha256."""
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+
+    def info(self) -> dict[str, Any]:
+        """A sidecar-like dict for inference commands (same keys as a store checkpoint's sidecar)."""
+        source = self.meta.get("source") or {}
+        return {
+            **self.meta,
+            "id": self.path.name,
+            "source_id": source.get("id"),
+            "sha256": self.sha256,
+            "path": str(self.path),
+            "weights": {"file": str(self.path), "sha256": self.sha256, "size": self.path.stat().st_size},
+        }
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of the tensors, independent of file layout."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating-point tensors to ``dtype``; integer buffers (BatchNorm counters) stay as they are."""
+    import torch
+
+    target = getattr(torch, dtype)
+    return {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+
+
+def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, Any]:
+    """The ``dermcam.export/1`` document for ``ckpt`` (what a machine without the store needs)."""
+    side = ckpt.sidecar
+    return {
+        "schema": EXPORT_SCHEMA,
+        "backbone": side["backbone"],
+        "classes": list(side["classes"]),
+        "num_classes": len(side["classes"]),
+        "label_encoding": side.get("label_encoding"),
+        "preprocessing": side["preprocessing"],
+        "metrics": side.get("metrics") or {},
+        "monitor": side.get("monitor") or {},
+        "dataset": side.get("dataset") or {},
+        "config": side.get("config") or {},
+        "pretrained": side.get("pretrained"),
+        "dtype": dtype,
+        "tensors_sha256": tensor_digest(tensors),
+        "source": {"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
+                   "sha256": side["weights"]["sha256"], "created": side.get("created"),
+                   "versions": side.get("versions") or {}},
+        "versions": versions(),
+        "exported": utc_now(),
+    }
+
+
+def default_export_name(ckpt: Checkpoint, dtype: str) -> str:
+    backbone = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(ckpt.sidecar["backbone"]))
+    suffix = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
+    return f"dermcam-{backbone}-{ckpt.run_id}-e{ckpt.epoch}{suffix}.safetensors"
+
+
+def export_checkpoint(ref: str | Path | None, output: Path | None = None, *, dtype: str = "float32",
+                      force: bool = False, root: Path | None = None) -> dict[str, Any]:
+    """Write checkpoint ``ref`` as one self-contained safetensors file and record it in the run.
+
+    The source weights are checked against their sidecar hash first (a damaged checkpoint is never
+    exported), the file is written atomically, and the run's ``exports.json`` remembers the export so
+    ``ckpt list`` can flag it.
+    """
+    if dtype not in DTYPES:
+        raise BadInputError(f"unknown export dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    with store_lock("store", shared=True, root=root):
+        ckpt = resolve(ref, root)
+        state = ckpt.load_weights(verify=True)
+    tensors = _cast(state, dtype)
+    meta = export_metadata(ckpt, tensors, dtype)
+    text = json.dumps(meta, default=str)
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadInputError(f"checkpoint {ckpt.id}: its metadata is over {MAX_METADATA_BYTES} bytes; "
+                            "the training config is too large to export")
+    out = Path(output) if output is not None else Path.cwd() / default_export_name(ckpt, dtype)
+    if out.is_dir():
+        out = out / default_export_name(ckpt, dtype)
+    if out.exists() and not force:
+        raise BadInputError(f"{out} already exists; choose another -o or pass --force to replace it")
+    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
+    out.chmod(0o644)  # the temporary file was private (0600); an export is meant to be shared
+    record = {"id": ckpt.id, "sha256": ckpt.sidecar["weights"]["sha256"], "file": str(out.resolve()),
+              "file_sha256": file_sha, "dtype": dtype, "created": utc_now()}
+    with store_lock("store", root=root):
+        _record_export(ckpt.run_dir, record)
+    return {**record, "size": out.stat().st_size, "source_size": ckpt.weights_path.stat().st_size,
+            "backbone": meta["backbone"], "classes": meta["classes"]}
+
+
+def _record_export(run_dir: Path, record: dict[str, Any]) -> None:
+    path = run_dir / EXPORTS_FILE
+    if not run_dir.is_dir():  # the checkpoint was pruned while we exported; the file is still valid
+        return
+    entries = read_exports(run_dir)
+    entries = [e for e in entries if e.get("file") != record["file"]] + [record]
+    atomic_write_json(path, {"schema": "dermcam.exports/1", "exports": entries})
+
+
+def read_exports(run_dir: Path) -> list[dict[str, Any]]:
+    """Export records of a run (an unreadable ``exports.json`` only loses the 'exported' flag)."""
+    path = Path(run_dir) / EXPORTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return []
+    entries = data.get("exports") if isinstance(data, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def exports_of(ckpt: Checkpoint, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Exports made from exactly this checkpoint (same id and same weights hash: a later checkpoint
+    that reuses the epoch number after a rollback is not flagged). ``records``: the run's, if read."""
+    sha = ckpt.sidecar["weights"]["sha256"]
+    records = read_exports(ckpt.run_dir) if records is None else records
+    return [e for e in records if e.get("id") == ckpt.id and e.get("sha256") == sha]
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor entries, dermcam metadata) from a safetensors header, checked before anything is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"no such file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise BadInputError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise BadInputError(f"{path} is not a dermcam export: its header claims {header_len} bytes, over "
+                                f"the {MAX_HEADER_BYTES}-byte limit")
+        if header_len + 8 > size:
+            raise BadInputError(f"{path} is not a safetensors file, or it is truncated (header runs past "
+                                "the end of the file)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadInputError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    text = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(text, str):
+        raise BadInputError(f"{path} is a safetensors file but not a dermcam export (no '{METADATA_KEY}' "
+                            "metadata); only files written by 'dermcam ckpt export' can be imported")
+    if text.startswith("dermcam.checkpoint/"):
+        raise BadInputError(f"{path} is the weights file of a store checkpoint, not an export; export it "
+                            "first with: dermcam ckpt export")
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadInputError(f"{path}: dermcam metadata is over the {MAX_METADATA_BYTES}-byte limit")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CorruptError(f"{path}: its dermcam metadata is not valid JSON (damaged or modified)") from None
+    meta = _check_meta(path, meta)
+    _check_length(path, header, size - 8 - header_len)
+    return header, meta
+
+
+def _check_length(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """A file cut short (an interrupted copy or download) is reported as such, not as a parse error."""
+    ends = [e["data_offsets"][1] for e in header.values()
+            if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+            and isinstance(e["data_offsets"][1], int)]
+    if ends and max(ends) > data_bytes:
+        raise CorruptError(f"{path} is truncated: {max(ends) - data_bytes} bytes of weights are missing "
+                           "(an interrupted copy or download?)")
+
+
+def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """Type-check the metadata document; one line naming the first bad field."""
+    if not isinstance(meta, dict) or meta.get("schema") != EXPORT_SCHEMA:
+        found = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
+        raise BadInputError(f"{path}: unsupported export schema {found!r} (this dermcam reads {EXPORT_SCHEMA})")
+
+    def bad(field: str, why: str) -> CorruptError:
+        return CorruptError(f"{path}: metadata field '{field}' {why} (damaged or modified)")
+
+    backbone = meta.get("backbone")
+    if not isinstance(backbone, str) or not _BACKBONE.match(backbone):
+        raise bad("backbone", "is not a model name")
+    classes = meta.get("classes")
+    if (not isinstance(classes, list) or not 2 <= len(classes) <= 1000
+            or not all(isinstance(c, str) and 0 < len(c) <= 100 for c in classes) or len(set(classes)) != len(classes)):
+        raise bad("classes", "is not a list of 2 or more distinct names")
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict):
+        raise bad("preprocessing", "is missing")
+    size = pre.get("input_size")
+    if (not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and 0 < v <= 4096 for v in size)):
+        raise bad("preprocessing.input_size", "is not three sizes (channels, height, width)")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if (not isinstance(values, list) or len(values) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise bad(f"preprocessing.{key}", "is not three numbers")
+    if not all(v > 0 for v in pre["std"]):
+        raise bad("preprocessing.std", "has a value that is not positive")
+    if not isinstance(pre.get("interpolation", "bilinear"), str):
+        raise bad("preprocessing.interpolation", "is not a string")
+    for key in ("metrics", "monitor", "dataset", "config", "source", "versions"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise bad(key, "is not a JSON object")
+    if not isinstance(meta.get("label_encoding"), (dict, list, str, type(None))):
+        raise bad("label_encoding", "is not a JSON object, list or string")
+    if meta.get("dtype") not in DTYPES:
+        raise bad("dtype", f"is not one of {', '.join(DTYPES)}")
+    if not isinstance(meta.get("tensors_sha256"), str):
+        raise bad("tensors_sha256", "is missing")
+    return meta
+
+
+def _check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str) -> None:
+    """The file's tensor names, shapes and dtypes must be exactly those of ``backbone``'s state dict."""
+    names, wanted = set(header), set(expected)
+    if names != wanted:
+        missing, extra = sorted(wanted - names), sorted(names - wanted)
+        detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and extra else "") + \
+                 (f"unexpected {extra[:3]}" if extra else "")
+        raise CorruptError(f"{path}: tensors do not match backbone {backbone} ({detail})")
+    for name, ref in expected.items():
+        entry = header[name]
+        if not isinstance(entry, dict) or entry.get("shape") != list(ref.shape):
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            raise CorruptError(f"{path}: tensor {name} has shape {shape}, backbone {backbone} needs "
+                               f"{list(ref.shape)}")
+        code = entry.get("dtype")
+        ok = code in _FLOAT_CODES if ref.is_floating_point() else code == _safetensors_code(ref)
+        if not ok:
+            raise CorruptError(f"{path}: tensor {name} has dtype {code}, which backbone {backbone} cannot use")
+
+
+def _safetensors_code(tensor: torch.Tensor) -> str:
+    import torch
+
+    return {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(tensor.dtype, "?")
+
+
+def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Module:
+    """The network the file claims to hold, built empty, to check the tensors against."""
+    from dermcam.models.backbones import build_model
+
+    try:
+        return build_model(backbone, num_classes)
+    except DermcamError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BadInputError(f"{path}: backbone '{backbone}' cannot be built here ({str(exc).splitlines()[0]}); "
+                            "a newer timm may be needed") from None
+
+
+def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
+    """Validate an exported file completely and return it with the model it loads into (eval mode).
+
+    Raises :class:`BadInputError` for a file that is not a dermcam export at all and
+    :class:`CorruptError` for one that claims to be but is truncated, modified or inconsistent.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header, meta = read_header(path)
+    model = _reference_model(path, meta["backbone"], len(meta["classes"]))
+    _check_tensors(path, header, model.state_dict(), meta["backbone"])
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptError(f"{path} is damaged: {str(exc).splitlines()[0]}") from None
+    if tensor_digest(tensors) != meta["tensors_sha256"]:
+        raise CorruptError(f"{path}: the weights do not match the digest in its metadata (damaged or modified)")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CorruptError(f"{path} does not fit backbone {meta['backbone']}: {str(exc).splitlines()[0]}") from None
+    return ExportedFile(path, meta, tensors, sha256_file(path)), model.eval()
+
+
+def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, sidecar-like dict) for an exported file; what inference commands call."""
+    exported, model = read_exported(path)
+    return model, exported.info()
+
+
+def is_exported_file(ref: str | Path) -> bool:
+    """A file that is not part of the store (no sidecar beside it): ``restore`` imports it."""
+    path = Path(str(ref))
+    return path.is_file() and path.suffix != ".json" and not path.with_suffix(".json").is_file() \
+        and not path.name.endswith(".state.safetensors")
+
+
+def _already_in_store(file_sha: str, source_sha: str | None, root: Path | None) -> Checkpoint | None:
+    for ckpt in list_checkpoints(root):
+        imported = ckpt.sidecar.get("imported") or {}
+        if imported.get("file_sha256") == file_sha or ckpt.sidecar["weights"]["sha256"] == source_sha:
+            return ckpt
+    return None
+
+
+def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
+    """Copy an exported file into the store as a new run (status ``imported``, not resumable).
+
+    The file is validated completely (:func:`dermcam.export.read_exported`) before anything is
+    written, so a bad file leaves the store byte for byte as it was. The weights are stored as
+    float32 like trained checkpoints, whatever precision the file used.
+    """
+    pass
+
+    exported, _ = read_exported(path)
+    meta = exported.meta
+    source = meta.get("source") or {}
+    with store_lock("store", root=root):
+        existing = _already_in_store(exported.sha256, source.get("sha256"), root)
+        if existing is not None:
+            return {"action": "import", "created": False, "id": existing.id, "run_id": existing.run_id,
+                    "file": str(path), "source_id": source.get("id")}
+        imported = {"file": path.name, "file_sha256": exported.sha256, "source_id": source.get("id"),
+                    "source_sha256": source.get("sha256"), "dtype": meta["dtype"], "exported": meta.get("exported"),
+                    "source_versions": meta.get("versions") or {}, "imported": utc_now()}
+        run_dir = create_run(meta.get("config") or {}, root, new_run_id())
+        try:
+            update_run(run_dir, status="imported", imported=imported)
+            ckpt = save_checkpoint(run_dir, epoch=int(source.get("epoch") or 0),
+                                   model_state=_as_float32(exported.tensors), sidecar=_imported_sidecar(meta, imported))
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    return {"action": "import", "created": True, "id": ckpt.id, "run_id": ckpt.run_id, "file": str(path),
+            "source_id": source.get("id"), "backbone": meta["backbone"], "classes": meta["classes"],
+            "weights": str(ckpt.weights_path)}
+
+
+def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _imported_sidecar(meta: dict[str, Any], imported: dict[str, Any]) -> dict[str, Any]:
+    keys = ("backbone", "classes", "label_encoding", "preprocessing", "metrics", "monitor", "config", "dataset",
+            "pretrained")
+    return {**{k: meta.get(k) for k in keys}, "imported": imported}

@@ -1,0 +1,381 @@
+"""Checkpoint management: list, prune, verify and restore what training left in the store.
+
+Everything here ranks and decides from the sidecars on disk (never from a trainer's memory), so the
+ranking survives resumes, crashes and copies between machines. Operations that delete files hold the
+exclusive ``store`` lock, which training takes shared while it writes a checkpoint: a prune or a clean
+never sees half a checkpoint, and training never sees a checkpoint vanish mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dermcam.errors import BadInputError, CorruptError, LockedError
+from dermcam.progress import Progress
+from dermcam.store.checkpoint import Checkpoint, best_of, epoch_stem, rank_key, read_checkpoint, run_checkpoints
+from dermcam.store.exchange import import_exported, is_exported_file
+from dermcam.store.files import TMP_SUFFIX, sha256_file
+from dermcam.store.locks import is_locked, store_lock
+from dermcam.store.paths import runs_dir
+from dermcam.store.references import resolve
+from dermcam.store.runs import find_run, incomplete_files, list_checkpoints, read_run, resume_point, update_run
+from dermcam.store.tensors import join_state
+
+# Metrics shown as columns by ``ckpt list`` (sidecar "metrics" keys), in order.
+LIST_METRICS = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
+
+
+# Sort keys that are not metrics; "age" sorts newest first.
+_SORT_FIELDS = ("epoch", "age", "size", "monitor")
+
+
+_SIDECAR = re.compile(r"^epoch-(\d{4,})\.json$")
+
+
+# A temporary younger than this may belong to a write in progress (run.json, metrics) and is kept.
+FRESH_TEMPORARY_S = 60.0
+
+
+def run_is_active(run_id: str, root: Path | None = None) -> bool:
+    """True while a training process holds the run's lock (it is writing checkpoints right now)."""
+    return is_locked(f"run-{run_id}", root)
+
+
+def _age_seconds(created: str | None) -> float | None:
+    if not created:
+        return None
+    try:
+        then = _dt.datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    return max(0.0, (_dt.datetime.now(_dt.timezone.utc) - then).total_seconds())
+
+
+def describe(ckpt: Checkpoint, flags: list[str], exports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One checkpoint as plain data (what ``ckpt list --json`` prints per checkpoint)."""
+    side = ckpt.sidecar
+    return {
+        "id": ckpt.id,
+        "run_id": ckpt.run_id,
+        "epoch": ckpt.epoch,
+        "backbone": side.get("backbone"),
+        "dataset": (side.get("dataset") or {}).get("name"),
+        "monitor": side.get("monitor") or {},
+        "metrics": {k: v for k, v in (side.get("metrics") or {}).items() if isinstance(v, (int, float))},
+        "size": ckpt.size_bytes(),
+        "created": side.get("created"),
+        "age_seconds": _age_seconds(side.get("created")),
+        "resumable": ckpt.state_path is not None,
+        "flags": flags,
+        "exports": exports,
+        "imported": side.get("imported"),
+        "sha256": side["weights"]["sha256"],
+        "path": str(ckpt.weights_path),
+    }
+
+
+def _sort_value(row: dict[str, Any], key: str) -> tuple[int, float]:
+    """(missing?, value) with smaller = listed first: best metric first, losses ascending."""
+    if key == "epoch":
+        return 0, float(row["epoch"])
+    if key == "size":
+        return 0, -float(row["size"])
+    if key == "age":
+        age = row["age_seconds"]
+        return (1, 0.0) if age is None else (0, age)
+    if key == "monitor":
+        value, mode = row["monitor"].get("value"), row["monitor"].get("mode", "max")
+    else:
+        value, mode = row["metrics"].get(key), "min" if "loss" in key else "max"
+    if value is None:
+        return 1, 0.0
+    return 0, float(value) if mode == "min" else -float(value)
+
+
+def list_checkpoint_rows(run: str | None = None, sort: str | None = None,
+                         root: Path | None = None) -> list[dict[str, Any]]:
+    """Every complete checkpoint (or one run's) with metrics and flags, listing order or ``sort``.
+
+    Flags: ``best`` (what ``best`` resolves to, across all runs), ``run-best`` (best of its run by its
+    monitored metric), ``latest`` (its run's resume point), ``exported``, ``imported``, ``training``
+    (its run is training right now).
+    """
+    from dermcam.store.exchange import exports_of, read_exports
+
+    everything = list_checkpoints(root)
+    overall = best_of(everything)
+    shown = list_checkpoints(root, run) if run else everything
+    by_run: dict[str, list[Checkpoint]] = {}
+    for ckpt in shown:
+        by_run.setdefault(ckpt.run_id, []).append(ckpt)
+    rows = []
+    for run_id, ckpts in by_run.items():
+        run_best = best_of(ckpts)
+        resume = resume_point(ckpts[0].run_dir)
+        active = run_is_active(run_id, root)
+        records = read_exports(ckpts[0].run_dir)
+        for ckpt in ckpts:
+            exports = exports_of(ckpt, records)
+            flags = [name for name, on in (
+                ("best", overall is not None and ckpt.id == overall.id),
+                ("run-best", run_best is not None and ckpt.id == run_best.id),
+                ("latest", resume is not None and ckpt.id == resume.id),
+                ("exported", bool(exports)),
+                ("imported", bool(ckpt.sidecar.get("imported"))),
+                ("training", active)) if on]
+            rows.append(describe(ckpt, flags, exports))
+    if sort:
+        key = sort.removeprefix("val_")
+        if key not in _SORT_FIELDS and rows and not any(key in r["metrics"] for r in rows):
+            known = sorted({k for r in rows for k in r["metrics"]} | set(_SORT_FIELDS))
+            raise BadInputError(f"no checkpoint has metric '{sort}'; sort by one of: {', '.join(known)}")
+        rows.sort(key=lambda r: _sort_value(r, key))
+    return rows
+
+
+@dataclass
+class PrunePlan:
+    """Which checkpoints stay (with every reason) and which go."""
+
+    keep: dict[str, list[str]] = field(default_factory=dict)
+    delete: list[Checkpoint] = field(default_factory=list)
+
+    def mark(self, ckpts: Iterable[Checkpoint | None], reason: str) -> None:
+        for ckpt in ckpts:
+            if ckpt is not None:
+                self.keep.setdefault(ckpt.id, []).append(reason)
+
+
+def _ranked(ckpts: Iterable[Checkpoint]) -> list[Checkpoint]:
+    """Best first by the monitored metric; ties go to the earlier checkpoint (as ``better`` does)."""
+    return sorted(ckpts, key=lambda c: (rank_key(c), c.sidecar.get("created", ""), c.epoch))
+
+
+def plan_prune(by_run: dict[str, list[Checkpoint]], *, keep_best: int, keep_last: int = 0,
+               global_rank: bool = False, keep_latest: bool = True,
+               active: Iterable[str] = ()) -> PrunePlan:
+    """Decide what to keep: the N best (per run or overall), each run's resume point, its last M,
+    and, for runs that are training now, their latest and best whatever the options say."""
+    plan = PrunePlan()
+    everything = [c for ckpts in by_run.values() for c in ckpts]
+    if global_rank:
+        plan.mark(_ranked(everything)[:keep_best], "best")
+    active = set(active)
+    for run_id, ckpts in by_run.items():
+        ckpts = sorted(ckpts, key=lambda c: c.epoch)
+        if not global_rank:
+            plan.mark(_ranked(ckpts)[:keep_best], "best")
+        if keep_last:
+            plan.mark(ckpts[-keep_last:], "last")
+        resume = resume_point(ckpts[0].run_dir) if ckpts else None
+        if keep_latest:
+            plan.mark([resume], "latest")
+        if run_id in active:
+            plan.mark(_needed_by_training(ckpts), "training")
+    plan.delete = [c for c in everything if c.id not in plan.keep]
+    return plan
+
+
+def _needed_by_training(ckpts: list[Checkpoint]) -> list[Checkpoint | None]:
+    """What a running training process may still read: the checkpoint it wrote last (by time, not
+    epoch: after a rollback, higher stale epochs can exist), the resume point, the best by sidecars and
+    the best its own training state names (they differ when stale epochs outrank the resumed ones)."""
+    newest = max(ckpts, key=lambda c: c.sidecar_path.stat().st_mtime_ns)
+    state_best = _state_best_id(newest)
+    return [newest, resume_point(newest.run_dir), best_of(ckpts),
+            next((c for c in ckpts if c.id == state_best), None)]
+
+
+def _state_best_id(ckpt: Checkpoint) -> str | None:
+    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.training)."""
+    skeleton = (ckpt.sidecar.get("state") or {}).get("json")
+    entries = skeleton.get("__map__") if isinstance(skeleton, dict) else None
+    for key, value in entries if isinstance(entries, list) else []:
+        if key == "best" and isinstance(value, dict):
+            best = join_state(value, {}) if "__map__" in value else value
+            return str(best.get("id")) if isinstance(best, dict) and best.get("id") else None
+    return None
+
+
+def _check_global(ckpts: list[Checkpoint]) -> None:
+    monitors = {(c.sidecar.get("monitor", {}).get("name"), c.monitor_mode) for c in ckpts
+                if c.monitor_value is not None}
+    if len(monitors) > 1:
+        names = ", ".join(sorted(f"{n} ({m})" for n, m in monitors))
+        raise BadInputError(f"runs monitor different metrics ({names}); --global cannot rank them together, "
+                            "prune per run instead")
+
+
+def delete_checkpoint(ckpt: Checkpoint) -> int:
+    """Remove one checkpoint, sidecar FIRST: an interruption leaves orphan weights (which
+    ``ckpt verify --clean`` removes), never a sidecar pointing at missing weights. Returns bytes freed."""
+    freed = 0
+    for path in [ckpt.sidecar_path] + [p for p in ckpt.files() if p != ckpt.sidecar_path]:
+        if path.exists():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
+def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_rank: bool = False,
+          keep_latest: bool = True, dry_run: bool = False, only: set[str] | None = None,
+          root: Path | None = None) -> dict[str, Any]:
+    """Delete every checkpoint that no keep rule protects; see :func:`plan_prune` for the rules.
+
+    The plan is computed and carried out under the exclusive store lock, from the sidecars as they
+    are at that moment. ``only`` restricts deletion to ids the user already confirmed (a checkpoint
+    that became worth keeping since the dry run stays).
+    """
+    if keep_best < 0 or keep_last < 0:
+        raise BadInputError("--keep-best and --keep-last must be 0 or more")
+    if global_rank and run:
+        raise BadInputError("--global ranks across all runs; it cannot be combined with --run")
+    # A dry run only reads (sidecars are written atomically), so it takes no lock and creates no file.
+    with contextlib.nullcontext() if dry_run else store_lock("store", root=root):
+        ckpts = list_checkpoints(root, run)
+        if global_rank:
+            _check_global(ckpts)
+        by_run: dict[str, list[Checkpoint]] = {}
+        for ckpt in ckpts:
+            by_run.setdefault(ckpt.run_id, []).append(ckpt)
+        active = [r for r in by_run if run_is_active(r, root)]
+        plan = plan_prune(by_run, keep_best=keep_best, keep_last=keep_last, global_rank=global_rank,
+                          keep_latest=keep_latest, active=active)
+        doomed = [c for c in plan.delete if only is None or c.id in only]
+        removed = []
+        for ckpt in doomed:
+            size = ckpt.size_bytes()
+            if not dry_run:
+                size = delete_checkpoint(ckpt)
+            removed.append({"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
+                            "monitor": ckpt.sidecar.get("monitor") or {}, "bytes": size})
+        if not dry_run:
+            _clear_dangling_pointers({c.run_id: c for c in doomed}.values(), {c.id for c in doomed})
+    kept = [{"id": c.id, "reasons": plan.keep[c.id]} for c in ckpts if c.id in plan.keep]
+    return {"dry_run": dry_run, "removed": removed, "kept": kept, "active_runs": active,
+            "bytes_freed": sum(r["bytes"] for r in removed)}
+
+
+def _clear_dangling_pointers(ckpts: Iterable[Checkpoint], removed: set[str]) -> None:
+    """A run whose rollback pointer named a removed checkpoint resumes from its latest again."""
+    for ckpt in ckpts:
+        if read_run(ckpt.run_dir).get("resume_from") in removed:
+            update_run(ckpt.run_dir, resume_from=None)
+
+
+def _hash_problem(path: Path | None, expected: dict[str, Any] | None, what: str) -> str | None:
+    if path is None or expected is None:
+        return None
+    if not path.is_file():
+        return f"{what} file {path.name} is missing"
+    if "size" in expected and path.stat().st_size != expected["size"]:
+        return f"{what} file {path.name} has {path.stat().st_size} bytes, its sidecar says {expected['size']}"
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        return f"{what} file {path.name} is unreadable ({exc.strerror})"
+    if actual != expected.get("sha256"):
+        return f"{what} file {path.name} does not match its sha256 (damaged or modified)"
+    return None
+
+
+def verify_store(*, clean: bool = False, root: Path | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Re-hash every checkpoint's files and check every sidecar; optionally clean interrupted writes.
+
+    Damaged: an unreadable sidecar or run.json, a missing file, a size or hash mismatch (never
+    deleted: the user decides). Incomplete: weights/state files with no sidecar and ``*.tmp``
+    temporaries, what an interrupted write or prune leaves; ``clean`` deletes those, except in runs
+    that are training right now.
+    """
+    progress = progress or Progress()
+    base = runs_dir(root)
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+    ok: list[str] = []
+    damaged: list[dict[str, str]] = []
+    incomplete: list[dict[str, Any]] = []
+    with store_lock("store", shared=not clean, root=root):
+        sidecars = [(run, p) for run in folders for p in sorted(run.glob("epoch-*.json")) if _SIDECAR.match(p.name)]
+        progress.start("Verifying checkpoints", total=len(sidecars))
+        for run in folders:
+            try:
+                read_run(run)
+            except CorruptError as exc:
+                damaged.append({"path": str(run / "run.json"), "problem": str(exc)})
+        damaged_stems: set[tuple[Path, str]] = set()
+        for run, sidecar in sidecars:
+            problem = _verify_one(sidecar)
+            if problem is None:
+                ok.append(f"{run.name}:{int(_SIDECAR.match(sidecar.name).group(1))}")
+            else:
+                damaged.append({"path": str(sidecar), "problem": problem})
+                damaged_stems.add((run, sidecar.stem))
+            progress.advance()
+        progress.finish()
+        for run in folders:
+            active = run_is_active(run.name, root)
+            for path in incomplete_files(run):
+                if (run, path.name.split(".")[0]) in damaged_stems:
+                    continue  # part of a damaged checkpoint, reported above
+                fresh = path.name.endswith(TMP_SUFFIX) and time.time() - path.stat().st_mtime < FRESH_TEMPORARY_S
+                note = "run is training; left alone" if active else "may be a write in progress; left alone" if fresh else ""
+                entry = {"path": str(path), "bytes": path.stat().st_size, "cleaned": False, "note": note}
+                if clean and not note:
+                    path.unlink(missing_ok=True)
+                    entry["cleaned"] = True
+                incomplete.append(entry)
+    return {"checked": len(sidecars), "ok": ok, "damaged": damaged, "incomplete": incomplete,
+            "cleaned_bytes": sum(e["bytes"] for e in incomplete if e["cleaned"])}
+
+
+def _verify_one(sidecar: Path) -> str | None:
+    """None when the checkpoint behind ``sidecar`` is intact, else what is wrong (one line)."""
+    try:
+        ckpt = read_checkpoint(sidecar)
+    except CorruptError as exc:
+        return str(exc)
+    if ckpt.sidecar.get("id") != f"{ckpt.run_dir.name}:{ckpt.epoch}" or sidecar.stem != epoch_stem(ckpt.epoch):
+        return f"{sidecar} names checkpoint {ckpt.id}, which is not where it is stored"
+    return (_hash_problem(ckpt.weights_path, ckpt.sidecar.get("weights"), "weights")
+            or _hash_problem(ckpt.state_path, ckpt.sidecar.get("state"), "state"))
+
+
+def restore(ref: str | Path, *, root: Path | None = None) -> dict[str, Any]:
+    """An exported FILE is imported as a new run; a checkpoint id becomes its run's resume point."""
+    if is_exported_file(ref):
+        return import_exported(Path(str(ref)), root=root)
+    return rollback(str(ref), root=root)
+
+
+def rollback_plan(ref: str | Path, root: Path | None = None) -> dict[str, Any]:
+    """What :func:`rollback` would do: the checkpoint, its run's current pointer, later checkpoints."""
+    ckpt = resolve(ref, root)
+    if ckpt.state_path is None:
+        how = "it was imported from an exported file" if ckpt.sidecar.get("imported") else "it has no training state"
+        raise BadInputError(f"checkpoint {ckpt.id} cannot be resumed from ({how}); use it with explain or "
+                            "evaluate, or as the start of a new training run")
+    current = resume_point(ckpt.run_dir)
+    later = [c.id for c in run_checkpoints(ckpt.run_dir) if c.epoch > ckpt.epoch]
+    return {"action": "rollback", "id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
+            "previous": current.id if current else None, "later": later}
+
+
+def rollback(ref: str | Path, *, root: Path | None = None) -> dict[str, Any]:
+    """Point the run's ``resume_from`` at ``ref``: ``dermcam train --resume`` continues after it.
+
+    Later checkpoints of the run are not deleted: they stay until training rewrites those epochs.
+    """
+    plan = rollback_plan(ref, root)
+    run_id = plan["run_id"]
+    if run_is_active(run_id, root):
+        raise LockedError(f"run {run_id} is training right now; stop it before changing its resume point")
+    with store_lock("store", shared=True, root=root), store_lock(f"run-{run_id}", timeout=1.0, root=root):
+        update_run(find_run(run_id, root), resume_from=plan["id"])
+    return plan

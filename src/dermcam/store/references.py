@@ -1,0 +1,64 @@
+"""What a user types to name a checkpoint (``RUN:EPOCH``, a run id, a hash prefix, ``best``, ``latest``, a path) -> a :class:`Checkpoint`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dermcam.errors import BadInputError, NotFoundError
+from dermcam.store.checkpoint import Checkpoint, best_of, read_checkpoint, run_checkpoints
+from dermcam.store.paths import runs_dir
+from dermcam.store.runs import find_run, list_checkpoints
+
+if TYPE_CHECKING:
+    pass
+
+
+def resolve(ref: str | Path | None = None, root: Path | None = None) -> Checkpoint:
+    """Find a checkpoint by id, run, hash prefix, ``best``/``latest``, or a file path."""
+    if ref is not None and (isinstance(ref, Path) or os.sep in str(ref) or str(ref).endswith((".safetensors", ".json"))):
+        return checkpoint_from_path(Path(ref))
+    ref = None if ref in (None, "", "best") else str(ref)
+    all_ckpts = list_checkpoints(root)
+    if not all_ckpts:
+        raise NotFoundError(f"no checkpoints in {runs_dir(root)}; train one with: dermcam train")
+    if ref is None:
+        best = best_of(all_ckpts)
+        return best or all_ckpts[-1]
+    if ref == "latest":
+        return max(all_ckpts, key=lambda c: c.sidecar.get("created", ""))
+    if ":" in ref:
+        run, _, epoch = ref.partition(":")
+        run_dir = find_run(run, root)
+        ckpts = run_checkpoints(run_dir)
+        if epoch == "best":
+            found = best_of(ckpts)
+        elif epoch == "latest":
+            found = ckpts[-1] if ckpts else None
+        else:
+            found = next((c for c in ckpts if epoch.isdigit() and c.epoch == int(epoch)), None)
+        if found is None:
+            raise NotFoundError(f"no checkpoint '{ref}' (run {run_dir.name} has epochs "
+                                f"{', '.join(str(c.epoch) for c in ckpts) or 'none'})")
+        return found
+    by_hash = [c for c in all_ckpts if len(ref) >= 6 and c.sidecar["weights"]["sha256"].startswith(ref)]
+    if len(by_hash) == 1:
+        return by_hash[0]
+    run_dir = find_run(ref, root)
+    best = best_of(run_checkpoints(run_dir))
+    if best is None:
+        raise NotFoundError(f"run {run_dir.name} has no complete checkpoint yet")
+    return best
+
+
+def checkpoint_from_path(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise NotFoundError(f"no such file: {path}")
+    if path.suffix == ".json":
+        return read_checkpoint(path)
+    sidecar = path.with_suffix("").with_suffix(".json") if path.name.endswith(".state.safetensors") else path.with_suffix(".json")
+    if sidecar.is_file():
+        return read_checkpoint(sidecar)
+    raise BadInputError(f"{path} has no sidecar ({sidecar.name}); for an exported file use it directly "
+                        "with explain/evaluate or import it with: dermcam ckpt restore")

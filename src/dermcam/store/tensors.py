@@ -1,0 +1,86 @@
+"""Tensors on disk without pickle: safetensors files, and nested training state split into JSON + tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dermcam.errors import CorruptError, NotFoundError
+from dermcam.store.files import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically write ``tensors`` as safetensors; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle), optionally checking its sha256 first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise NotFoundError(f"missing weights file {path}")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise CorruptError(f"{path} does not match the sha256 in its sidecar (damaged or modified)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def split_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tensors, numpy arrays, scalars) into JSON and tensors.
+
+    Tensors are replaced by ``{"__tensor__": key}``, numpy arrays by ``{"__ndarray__": key}``; tuples become
+    lists (callers that need tuples rebuild them). This is how resume state is stored without pickle.
+    """
+    import numpy as np
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu()
+            return {"__tensor__": path}
+        if isinstance(value, np.ndarray):
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
+            return {"__ndarray__": path}
+        if isinstance(value, Mapping):
+            return {"__map__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")]
+                                for i, (k, v) in enumerate(value.items())]}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at {path} without pickle")
+
+    return walk(obj, prefix), tensors
+
+
+def join_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_state`."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__ndarray__" in skeleton:
+            return tensors[skeleton["__ndarray__"]].numpy()
+        if "__map__" in skeleton:
+            return {join_state(k, tensors): join_state(v, tensors) for k, v in skeleton["__map__"]}
+        return {k: join_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_state(v, tensors) for v in skeleton]
+    return skeleton

@@ -1,0 +1,484 @@
+"""The training loop: transfer learning with an exact, crash-safe resume.
+
+Exactness comes from making every random choice a function of where training is, not of history:
+the epoch's image order is drawn from ``(seed, epoch)``, each batch's augmentation from
+``(seed, epoch, batch)``, and the learning rate is a pure function of the optimizer step. What little
+global state remains (optimizer moments, EMA, dropout RNG, early-stopping counters) is saved with
+every epoch checkpoint, tensors in safetensors and the rest in JSON. A run killed at any moment
+resumes from its last complete checkpoint and ends with the same weights as an uninterrupted run.
+
+Under torchrun (see :mod:`dermcam.distributed`) the same definitions hold for the *global* batch:
+every rank draws the same epoch order and batch augmentation, takes its slice of each global batch,
+scales its loss so DistributedDataParallel's gradient average equals the single-process loss over
+the global batch, and predicts its shard of the validation split. Rank 0 alone writes the run. The
+saved state does not depend on the number of processes, so a run resumes with any number of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermcam.errors import BadInputError
+from dermcam.progress import Progress
+from dermcam.train import distributed
+from dermcam.train.config import TrainConfig, TrainResult, expand_grid, load_experiments, monitor_mode
+from dermcam.train.ema import EMA
+from dermcam.train.loss import WeightedCrossEntropy, class_weights
+from dermcam.train.rng import rng_state, seed_everything, seed_rank, set_rng_state
+from dermcam.train.schedule import epoch_order, lr_multiplier, param_groups
+
+
+def check_distributed(config: TrainConfig, dist: distributed.DistContext) -> None:
+    """What a multi-process run needs beyond a single-process one (errors before any work is done)."""
+    if not dist.enabled:
+        return
+    if config.batch_size % dist.world_size:
+        raise BadInputError(f"--batch-size {config.batch_size} is the global batch size and must be divisible "
+                            f"by the number of processes ({dist.world_size})")
+    if config.sync_bn and dist.device.type != "cuda":
+        raise BadInputError("sync_bn needs CUDA: SyncBatchNorm does not run on the CPU")
+
+
+# What a resumed run takes from the command line: where it runs. Everything else is the run's own.
+RESUME_OPTIONS = ("device",)
+
+
+class Trainer:
+    """One run: owns the model, optimizer and loop state; :meth:`fit` runs it to the end."""
+
+    def __init__(self, config: TrainConfig | None, *, root: Path | None = None, progress: Progress | None = None,
+                 resume: bool = False, run: str | None = None, overrides: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.dist = distributed.current()
+        self.progress = (progress or Progress()) if self.dist.is_main else Progress()
+        self.resume = resume
+        self.run_ref = run
+        self.config = config or TrainConfig()
+        self.overrides = dict(overrides or {})
+        self.resume_ckpt: Any = None
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _open_run(self) -> None:
+        """Find the run to resume; a new run's folder is only created once its model is built."""
+        from dermcam.store.runs import find_run, latest_run, read_run, resume_point
+
+        if self.resume:
+            picked = ""
+            if self.dist.is_main:  # rank 0 decides which run "latest" is; the others follow it
+                picked = (find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)).name
+            self.run_dir = find_run(self.dist.broadcast_str(picked), self.root)
+            info = read_run(self.run_dir)
+            self.config = TrainConfig.from_dict(info["config"])
+            applied = {k: v for k, v in self.overrides.items() if k in RESUME_OPTIONS}
+            self.config = dataclasses.replace(self.config, **applied)
+            ignored = sorted(set(self.overrides) - set(applied))
+            if ignored:
+                self.progress.log(f"Resuming run {self.run_dir.name} with its own configuration; ignored: "
+                                  + ", ".join("--" + k.replace("_", "-") for k in ignored))
+            self.resume_ckpt = resume_point(self.run_dir)
+        else:
+            self.config.validate()
+
+    def build(self) -> None:
+        """Data, model, optimizer and loss; public so benchmarks can time the loop's parts."""
+        import torch
+
+        from dermcam.data.dataset import load_prepared
+        from dermcam.models.backbones import build_model, create_model, data_config, freeze_stages
+        from dermcam.models.device import resolve_precision, select_device
+
+        cfg = self.config
+        self.data = load_prepared(cfg.dataset, self.root)
+        if cfg.dataset is None:
+            cfg.dataset = self.data.name
+        self.classes = list(self.data.classes)
+        if cfg.monitor.startswith("val_recall_") and cfg.monitor.removeprefix("val_recall_") not in self.classes:
+            raise BadInputError(f"--monitor {cfg.monitor} names no class of data set '{self.data.name}' "
+                                f"({', '.join(self.classes)})")
+        check_distributed(cfg, self.dist)
+        self.device = self.dist.device if self.dist.enabled else select_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed)
+        if self.resume_ckpt is None:
+            self.model, self.pretrained = create_model(cfg.backbone, len(self.classes), cfg.pretrained,
+                                                       progress=self.progress)
+        else:
+            self.model = build_model(cfg.backbone, len(self.classes))
+            self.pretrained = self.resume_ckpt.sidecar.get("pretrained")
+        freeze_stages(self.model, cfg.freeze)
+        dc = data_config(self.model)
+        height, width = cfg.input_size(default=dc["input_size"][-2:])
+        self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]), "std": list(dc["std"]),
+                              "interpolation": "bilinear", "resize": "whole image (no crop)"}
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.train_model = self._wrap_ddp() if self.dist.enabled else self.model
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.train_rows, self.train_labels = self.data.split("train")
+        self.val_rows, self.val_labels = self.data.split("val")
+        if len(self.train_rows) == 0 or len(self.val_rows) == 0:
+            raise BadInputError(f"data set '{self.data.name}' has an empty train or val split; "
+                                "prepare it with more images")
+        weights = class_weights(self.train_labels, len(self.classes)) if cfg.balance == "loss" else None
+        self.sample_weights = (np.ones(len(self.train_labels)) if weights is None
+                               else weights[self.train_labels].astype(np.float64))
+        if self.dist.enabled and len(self.train_rows) < cfg.batch_size:
+            raise BadInputError(f"the train split has {len(self.train_rows)} images, fewer than --batch-size "
+                                f"{cfg.batch_size}; every process needs its share of a full batch")
+        self.loss_fn = WeightedCrossEntropy(None if weights is None else torch.from_numpy(weights).to(self.device),
+                                            cfg.label_smoothing)
+        n = len(self.train_rows)
+        self.batches_per_epoch = max(1, n // cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        # Loop state (overwritten on resume)
+        self.epoch = 0
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.bad_epochs = 0
+        self.stopped = False
+        self.history: list[dict[str, Any]] = []
+
+    def _wrap_ddp(self) -> Any:
+        """DistributedDataParallel around the model for the training forward; ``self.model`` stays the
+        bare module, which is what is evaluated, saved (no ``module.`` prefix) and averaged by EMA."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.config.sync_bn:
+            from timm.layers import convert_sync_batchnorm
+
+            self.model = convert_sync_batchnorm(self.model)  # same parameter and buffer names
+        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def _restore(self) -> None:
+        from dermcam.store.runs import read_metrics
+        from dermcam.store.tensors import join_state
+
+        ckpt = self.resume_ckpt
+        if ckpt is None:
+            return
+        if ckpt.sidecar.get("dataset", {}).get("fingerprint") != self.data.fingerprint:
+            raise BadInputError(f"data set '{self.data.name}' changed since run {self.run_id} started; "
+                                "resume needs the same data (start a new run instead)")
+        skeleton, tensors = ckpt.load_state()
+        state = join_state(skeleton, tensors)
+        model_state = state.get("model") or ckpt.load_weights()
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.state = {k: v.to(self.device) for k, v in state["ema"].items()}
+        set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best = state.get("best")
+        self.bad_epochs = int(state["bad_epochs"])
+        self.stopped = bool(state["stopped"])
+        self.history = [h for h in read_metrics(self.run_dir) if h["epoch"] <= self.epoch]
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _set_lr(self) -> None:
+        mult = lr_multiplier(self.step, self.total_steps, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * mult
+
+    def _optimizer_step(self) -> None:
+        self._set_lr()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+
+    def make_batch(self, order: np.ndarray, b: int) -> tuple[Any, Any]:
+        """Batch ``b`` of the epoch: cache rows -> augmented, normalised tensors on the device."""
+        import torch
+
+        from dermcam.data.geometry import normalize, resize, to_float
+        from dermcam.train.augment import apply_augment, batch_generator, draw_augment
+
+        cfg = self.config
+        size = tuple(self.preprocessing["input_size"][-2:])
+        picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        mine = self.dist.shard(len(picks))  # this rank's slice of the global batch (all of it in one process)
+        x = to_float(self.data.images[self.train_rows[picks[mine]]])
+        if cfg.augment:  # drawn for the whole global batch, applied to this rank's slice
+            _, _, h, w = x.shape
+            draw = draw_augment(len(picks), w / h, batch_generator(cfg.seed, self.epoch, b))
+            x = apply_augment(x, size, draw[mine])
+        else:
+            x = resize(x, size)
+        x = normalize(x, self.preprocessing["mean"], self.preprocessing["std"]).to(self.device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.from_numpy(self.train_labels[picks[mine]]).to(self.device)
+
+    def loss_scale(self, order: np.ndarray, b: int) -> float:
+        """Factor that turns this rank's mean loss into its share of the global batch's mean loss.
+
+        The (class-weighted, label-smoothed) mean is a weighted sum over the batch divided by the sum
+        of its samples' class weights. A rank's mean times ``local weight sum / global weight sum`` is
+        its part of that global sum, and DDP's average over ``world_size`` ranks is undone by the
+        ``world_size`` factor: the gradients are those of one process on the whole batch. Every rank
+        knows the whole global batch, so no communication is needed; a single process gets 1.0.
+        """
+        picks = order[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+        local = float(self.sample_weights[picks[self.dist.shard(len(picks))]].sum())
+        return self.dist.world_size * local / float(self.sample_weights[picks].sum())
+
+    def forward_backward(self, x: Any, y: Any, scale: float = 1.0) -> float:
+        """Loss and gradients of one micro-batch (the bare model step that benchmarks compare with).
+
+        ``scale`` is :meth:`loss_scale` (distributed training only); the returned loss is unscaled.
+        """
+        from dermcam.models.device import autocast
+
+        with autocast(self.device, self.precision):
+            loss = self.loss_fn(self.train_model(x).float(), y)
+        scaled = loss if scale == 1.0 else loss * scale
+        self.scaler.scale(scaled / self.config.accumulate).backward()
+        return float(loss.detach())
+
+    def train_one_epoch(self) -> float:
+        cfg = self.config
+        order = epoch_order(len(self.train_rows), self.train_labels, cfg.seed, self.epoch, cfg.balance,
+                            len(self.classes))
+        self.model.train()
+        if self.dist.enabled:
+            seed_rank(cfg.seed, self.epoch, self.dist.rank)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, seen = 0.0, 0
+        self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
+        for b in range(self.batches_per_epoch):
+            x, y = self.make_batch(order, b)
+            step = (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch
+            scale = self.loss_scale(order, b) if self.dist.enabled else 1.0
+            # Between optimizer steps DDP need not average gradients: they only accumulate locally.
+            with contextlib.nullcontext() if step or not self.dist.enabled else self.train_model.no_sync():
+                loss = self.forward_backward(x, y, scale)
+            if step:
+                self._optimizer_step()
+            total_loss += loss * scale * len(y)
+            seen += len(y)
+            self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
+        self.progress.finish()
+        total_loss, seen = self.dist.all_reduce_sum([total_loss, seen])
+        return total_loss / max(1, seen)
+
+    def eval_model(self) -> Any:
+        """The weights that are evaluated and saved: the EMA when enabled, else the live model."""
+        if self.ema is None:
+            return self.model
+        from dermcam.models.backbones import build_model
+
+        shadow = build_model(self.config.backbone, len(self.classes)).to(self.device)
+        shadow.load_state_dict(self.ema.state)
+        if self.config.channels_last:
+            import torch
+
+            shadow.to(memory_format=torch.channels_last)
+        return shadow
+
+    def validate(self) -> dict[str, Any]:
+        from dermcam.evaluate.metrics import compute_metrics, cross_entropy
+        from dermcam.evaluate.predict import predict
+
+        part = self.dist.shard(len(self.val_rows))  # each rank predicts its shard, all get every row
+        probs = predict(self.eval_model(), self.data.images, self.val_rows[part],
+                        input_size=self.preprocessing["input_size"], mean=self.preprocessing["mean"],
+                        std=self.preprocessing["std"], device=self.device, precision=self.precision,
+                        batch_size=max(32, self.config.batch_size), channels_last=self.config.channels_last,
+                        progress=self.progress, description="validate")
+        probs = self.dist.all_gather_rows(probs.reshape(-1, len(self.classes)), len(self.val_rows))
+        metrics = compute_metrics(self.val_labels, probs, self.classes)
+        metrics["loss"] = cross_entropy(self.val_labels, probs)
+        return metrics
+
+    def _monitor_value(self, metrics: dict[str, Any]) -> float:
+        key = self.config.monitor.removeprefix("val_")
+        value = metrics.get(key)
+        if value is None:
+            raise BadInputError(f"--monitor {self.config.monitor} is not available for classes {self.classes}")
+        return float(value)
+
+    def _save(self, metrics: dict[str, Any], train_loss: float) -> Any:
+        from dermcam.store.checkpoint import save_checkpoint
+        from dermcam.store.locks import store_lock
+        from dermcam.store.runs import update_run
+
+        cfg = self.config
+        value = self._monitor_value(metrics)
+        train_state = {
+            "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema": self.ema.state if self.ema is not None else None,
+            "model": self.model.state_dict() if self.ema is not None else None,
+            "rng": rng_state(), "best": self.best, "bad_epochs": self.bad_epochs, "stopped": self.stopped,
+        }
+        sidecar = {
+            "backbone": cfg.backbone, "classes": self.classes,
+            "label_encoding": {c: i for i, c in enumerate(self.classes)},
+            "preprocessing": self.preprocessing, "metrics": metrics, "train_loss": train_loss,
+            "monitor": {"name": cfg.monitor, "mode": monitor_mode(cfg.monitor), "value": value},
+            "config": dataclasses.asdict(cfg), "step": self.step,
+            "dataset": {"name": self.data.name, "fingerprint": self.data.fingerprint},
+            "pretrained": self.pretrained, "precision": self.precision, "device": self.device.type,
+            "world_size": self.dist.world_size,  # information only: the state does not depend on it
+        }
+        with store_lock("store", shared=True, root=self.root):
+            weights = self.ema.state if self.ema is not None else self.model.state_dict()  # what eval_model() holds
+            ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=weights,
+                                   sidecar=sidecar, train_state=train_state)
+            update_run(self.run_dir, resume_from=ckpt.id)
+        return ckpt
+
+    def _record_epoch(self, metrics: dict[str, Any], train_loss: float, seconds: float) -> None:
+        from dermcam.store.runs import append_metrics
+
+        record = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "seconds": round(seconds, 2),
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({f"val_{k}": v for k, v in metrics.items() if k != "confusion_matrix"})
+        self.history.append(record)
+        if self.dist.is_main:
+            append_metrics(self.run_dir, record)
+
+    def _update_best(self, value: float) -> None:
+        improved = self.best is None or (value < self.best["value"] if monitor_mode(self.config.monitor) == "min"
+                                         else value > self.best["value"])
+        if improved:
+            self.best = {"epoch": self.epoch, "value": value, "id": f"{self.run_id}:{self.epoch}"}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            self.stopped = self.bad_epochs >= self.config.patience
+
+    def fit(self) -> TrainResult:
+        from dermcam.store.locks import store_lock
+        from dermcam.store.paths import runs_dir
+        from dermcam.store.runs import create_run, update_run
+
+        started = time.monotonic()
+        main = self.dist.is_main
+        self._open_run()
+        self.build()
+        if not self.resume:  # rank 0 creates the run; the others learn its id
+            created = create_run(dataclasses.asdict(self.config), self.root) if main else None
+            run_id = self.dist.broadcast_str(created.name if created else "")
+            self.run_dir = created or runs_dir(self.root) / run_id
+        self.run_id = self.run_dir.name
+        with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root) if main else contextlib.nullcontext():
+            self._restore()
+            resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
+            if resumed_from:
+                self.epoch += 1
+                self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
+            if main:
+                update_run(self.run_dir, status="running")
+            while self.epoch < self.config.epochs and not self.stopped:
+                t0 = time.monotonic()
+                train_loss = self.train_one_epoch()
+                metrics = self.validate()
+                self._update_best(self.dist.broadcast_float(self._monitor_value(metrics)))
+                self._record_epoch(metrics, train_loss, time.monotonic() - t0)
+                if main:
+                    self._save(metrics, train_loss)
+                self.progress.log(
+                    f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
+                    f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
+                    + (f"  mel recall {metrics['recall_mel']:.3f}" if "recall_mel" in metrics else ""))
+                self.epoch += 1
+            result = self._finish(resumed_from)
+        result.seconds = time.monotonic() - started
+        if main:
+            update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
+                       stopped_early=result.stopped_early)
+        return result
+
+    def _finish(self, resumed_from: str | None) -> TrainResult:
+        """Evaluate the run's best checkpoint on the test split and write the report."""
+        from dermcam.evaluate.evaluation import evaluate
+        from dermcam.evaluate.report import plot_curves
+
+        report_dir = self.run_dir / "report"
+        test_metrics, files = None, []
+        if self.best is not None and self.dist.is_main:
+            result = evaluate(self.best["id"], split="test", device=self.config.device,
+                              precision=self.config.precision, out_dir=report_dir, root=self.root,
+                              progress=self.progress)
+            test_metrics, files = result.metrics, list(result.files)
+            if self.history:
+                files.append(plot_curves(self.history, report_dir / "curves.png", title=f"run {self.run_id}"))
+        epochs_done = self.history[-1]["epoch"] + 1 if self.history else 0
+        return TrainResult(
+            run_id=self.run_id, run_dir=self.run_dir, config=self.config,
+            best_id=self.best["id"] if self.best else None, best_value=self.best["value"] if self.best else None,
+            epochs_done=epochs_done, stopped_early=self.stopped and epochs_done < self.config.epochs,
+            test_metrics=test_metrics, report_files=files, resumed_from=resumed_from, pretrained=self.pretrained)
+
+
+def train(config: TrainConfig | None = None, *, resume: bool = False, run: str | None = None,
+          overrides: dict[str, Any] | None = None, root: Path | None = None,
+          progress: Progress | None = None) -> TrainResult:
+    """Train one configuration (or resume a run) to the end; see :class:`Trainer`.
+
+    A resumed run keeps the configuration it was started with (anything else would break the exact
+    resume); of ``overrides`` it applies only :data:`RESUME_OPTIONS` and logs which it ignored.
+    Under torchrun this process joins the job's process group (see :mod:`dermcam.train.distributed`).
+    """
+    device = (overrides or {}).get("device") or (config.device if config else "auto")
+    with distributed.session(device):
+        return Trainer(config, root=root, progress=progress, resume=resume, run=run, overrides=overrides).fit()
+
+
+def train_configurations(options: dict[str, Any], *, grid: dict[str, list[Any]] | None = None,
+                         config_file: Path | None = None, resume: bool = False, run: str | None = None,
+                         root: Path | None = None, progress: Progress | None = None) -> list[TrainResult]:
+    """What ``dermcam train`` does: one run per configuration, or the resume of one run.
+
+    ``options`` are the given :class:`TrainConfig` fields; ``grid`` maps fields to several values (every
+    combination becomes a run); ``config_file`` is a TOML file of ``[[run]]`` tables instead of a
+    grid. Every configuration is validated before the first run starts.
+    """
+    grid = {k: v for k, v in (grid or {}).items() if v}
+    if resume:
+        if config_file is not None:
+            raise BadInputError("--resume continues one run with its own configuration; drop --config")
+        flat = {**options, **{k: v[-1] for k, v in grid.items()}}
+        return [train(resume=True, run=run, overrides=flat, root=root, progress=progress)]
+    if run is not None:
+        raise BadInputError("--run names the run to continue and needs --resume")
+    base = TrainConfig.from_dict(options)
+    configs = load_experiments(config_file, base) if config_file else expand_grid(base, **grid)
+    for cfg in configs:
+        cfg.validate()
+    return train_many(configs, root=root, progress=progress)
+
+
+def train_many(configs: list[TrainConfig], *, root: Path | None = None,
+               progress: Progress | None = None) -> list[TrainResult]:
+    """Each configuration becomes a run; compare them with :func:`best_result`."""
+    with distributed.session(configs[0].device if configs else "auto"):
+        return [train(cfg, root=root, progress=progress) for cfg in configs]
+
+
+def best_result(results: list[TrainResult]) -> TrainResult | None:
+    scored = [r for r in results if r.best_value is not None]
+    if not scored:
+        return None
+    sign = -1 if monitor_mode(scored[0].config.monitor) == "min" else 1
+    return max(scored, key=lambda r: sign * r.best_value)
