@@ -1,4 +1,4 @@
-"""``dermcam ckpt``: list, prune, export, restore and verify checkpoints (logic in dermcam.ckpt/export)."""
+"""``dermcam ckpt``: list, prune, export, restore and verify checkpoints (logic in dermcam.store.manage and dermcam.store.exchange)."""
 
 from __future__ import annotations
 

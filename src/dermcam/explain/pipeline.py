@@ -233,7 +233,7 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
     and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
 
-    ``checkpoint``: anything :func:`dermcam.checkpoints.load_for_inference` accepts (default: the
+    ``checkpoint``: anything :func:`dermcam.store.inference.load_for_inference` accepts (default: the
     best checkpoint in the store). ``target``: class name or index to explain instead of each
     prediction. ``layer``: module name (default: :func:`dermcam.models.find_target_layer`).
     ``score``: add deletion/insertion AUC (costs ~40 extra forwards per image).

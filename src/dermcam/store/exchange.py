@@ -1,4 +1,4 @@
-"""Self-contained exported models: one ``.safetensors`` file that runs anywhere timm runs.
+"""Exported models, out and back in: one ``.safetensors`` file that runs anywhere timm runs.
 
 An exported file holds the weights and, in the safetensors header's ``__metadata__["dermcam"]``, one
 JSON document (schema ``dermcam.export/1``) with everything inference needs: backbone, classes, label
@@ -12,7 +12,8 @@ It loads without dermcam (see docs/checkpoints.md)::
 Exported files travel between machines, so :func:`read_exported` treats them as untrusted: the header
 is parsed by hand with size limits before safetensors sees the file, every field is type-checked, the
 tensor names and shapes must be exactly those of the backbone, and a digest of the tensors (stored in
-the metadata) catches truncation and tampering. Nothing is ever unpickled.
+the metadata) catches truncation and tampering. Nothing is ever unpickled. :func:`import_exported`
+brings a validated file into the store as a new (not resumable) run.
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ def _already_in_store(file_sha: str, source_sha: str | None, root: Path | None) 
 def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     """Copy an exported file into the store as a new run (status ``imported``, not resumable).
 
-    The file is validated completely (:func:`dermcam.export.read_exported`) before anything is
+    The file is validated completely (:func:`read_exported`) before anything is
     written, so a bad file leaves the store byte for byte as it was. The weights are stored as
     float32 like trained checkpoints, whatever precision the file used.
     """

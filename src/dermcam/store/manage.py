@@ -194,7 +194,7 @@ def _needed_by_training(ckpts: list[Checkpoint]) -> list[Checkpoint | None]:
 
 
 def _state_best_id(ckpt: Checkpoint) -> str | None:
-    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.training)."""
+    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.train.trainer)."""
     skeleton = (ckpt.sidecar.get("state") or {}).get("json")
     entries = skeleton.get("__map__") if isinstance(skeleton, dict) else None
     for key, value in entries if isinstance(entries, list) else []:

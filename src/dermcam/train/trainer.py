@@ -7,7 +7,7 @@ global state remains (optimizer moments, EMA, dropout RNG, early-stopping counte
 every epoch checkpoint, tensors in safetensors and the rest in JSON. A run killed at any moment
 resumes from its last complete checkpoint and ends with the same weights as an uninterrupted run.
 
-Under torchrun (see :mod:`dermcam.distributed`) the same definitions hold for the *global* batch:
+Under torchrun (see :mod:`dermcam.train.distributed`) the same definitions hold for the *global* batch:
 every rank draws the same epoch order and batch augmentation, takes its slice of each global batch,
 scales its loss so DistributedDataParallel's gradient average equals the single-process loss over
 the global batch, and predicts its shard of the validation split. Rank 0 alone writes the run. The
