@@ -100,18 +100,19 @@ def time_cam_only(ckpt_id: str, images: list[Path], repeats: int) -> tuple[float
     """(ours images/s, pytorch-grad-cam images/s, max |difference| of their maps) on the same batches."""
     import numpy as np
     import torch
-    from PIL import Image
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from dermcam.data.geometry import model_input
+    from dermcam.data.geometry import cache_size, model_input
+    from dermcam.data.images import decode_image
     from dermcam.explain.methods import GradCAM
     from dermcam.models.layers import find_target_layer
     from dermcam.store.inference import load_for_inference
 
     model, sidecar = load_for_inference(ckpt_id)
     layer = find_target_layer(model)
-    x = torch.stack([model_input(Image.open(p), sidecar["preprocessing"]) for p in images])
+    size = cache_size(sidecar["preprocessing"])
+    x = torch.stack([model_input(decode_image(p, size)[0], sidecar["preprocessing"]) for p in images])
     batches = list(x.split(BATCH))
     ours = GradCAM(model, layer)
     targets = [ours(b).targets for b in batches]  # warm-up, and the classes both will explain

@@ -96,6 +96,7 @@ def test_multi_process_runs_need_a_divisible_batch_and_cuda_for_sync_bn() -> Non
     check_distributed(TrainConfig(batch_size=7, sync_bn=True), DistContext())  # one process: nothing to check
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(runner, home: Path) -> None:
     args = ["train", *TINY, "--epochs", "2"]
     [single] = run_json(runner, [*args, "--json"])
@@ -121,6 +122,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runner, home: P
     assert (run_dir / "report" / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_killed_multi_process_run_resumes_with_two_or_one_processes(runner, home: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["train", *TINY, "--epochs", "3", "--accumulate", "2"]
@@ -149,6 +151,7 @@ def test_killed_multi_process_run_resumes_with_two_or_one_processes(runner, home
     assert json.loads((killed / "epoch-0002.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_indivisible_batch_fails_on_every_rank_without_hanging(home: Path) -> None:
     proc = torchrun(home, ["train", *TINY, "--batch-size", "7", "--epochs", "1"])
     _, err = proc.communicate(timeout=300)

@@ -80,7 +80,8 @@ def test_explains_images_with_overlays_at_their_own_size_and_sidecars(runner, ch
 
 
 def test_saved_map_is_the_library_cam_of_the_preprocessed_image(runner, checkpoint, tmp_path) -> None:
-    from dermcam.data.geometry import model_input
+    from dermcam.data.geometry import cache_size, model_input
+    from dermcam.data.images import decode_image
     from dermcam.explain.methods import compute_cam
     from dermcam.store.inference import load_for_inference
 
@@ -89,8 +90,8 @@ def test_saved_map_is_the_library_cam_of_the_preprocessed_image(runner, checkpoi
     assert run(runner, str(image), "-o", str(out), "--npy", "--method", "gradcam++").exit_code == 0
     saved = np.load(out / "x.cam.npy", allow_pickle=False)
     model, sidecar = load_for_inference("c0ffee:0")
-    with Image.open(image) as photo:
-        x = model_input(photo, sidecar["preprocessing"])[None]
+    pixels, _ = decode_image(image, cache_size(sidecar["preprocessing"]))
+    x = model_input(pixels, sidecar["preprocessing"])[None]
     expected = compute_cam(model, x, "gradcam++")
     assert saved.shape == (INPUT, INPUT) and saved.max() == pytest.approx(1, abs=1e-5)
     np.testing.assert_allclose(saved, expected.maps[0], atol=1e-5)
@@ -207,9 +208,9 @@ def test_other_methods_and_tta(runner, checkpoint, tmp_path, method: str) -> Non
 
 
 def test_unknown_method_is_a_usage_error(runner, checkpoint, tmp_path) -> None:
-    from dermcam.explain.methods import METHODS
-
     import typer.main
+
+    from dermcam.explain.methods import METHODS
 
     option = next(p for p in typer.main.get_command(app).commands["explain"].params if p.name == "method")
     assert option.metavar == "|".join(METHODS)  # --help lists the library's methods, not a copy

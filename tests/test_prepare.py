@@ -50,7 +50,8 @@ def test_prepare_writes_the_documented_format(runner, ham_src: Path, dermcam_hom
     assert manifest["schema"] == "dermcam.dataset/1" and manifest["source"] == str(ham_src.resolve())
     assert manifest["classes"] == ["bkl", "mel", "nv"]
     assert manifest["label_encoding"] == {"bkl": 0, "mel": 1, "nv": 2}
-    assert manifest["cache"] == {"file": "images.npy", "width": 32, "height": 24, "dtype": "uint8", "layout": "NHWC"}
+    assert manifest["cache"] == {"file": "images.npy", "width": 32, "height": 24, "dtype": "uint8", "layout": "NHWC",
+                                 "format": 1}
     assert manifest["leakage"] == {"train/val": 0, "train/test": 0, "val/test": 0}
     assert manifest["problems"] == {}
 
@@ -257,6 +258,7 @@ def test_decode_covers_and_crops_other_aspect_ratios(tmp_path: Path) -> None:
     assert (array[:, :14, 0] > 200).all() and (array[:, 18:, 2] > 200).all()  # centre crop, not squashed
 
 
+@pytest.mark.slow
 def test_ham10000_lite_has_no_leakage(runner, ham10000_lite: Path) -> None:
     report = run_json(runner, str(ham10000_lite), "--cache-size", "16x12")
     manifest = report["manifest"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +133,7 @@ def test_resume_of_finished_run_does_nothing_more(runner, home: Path) -> None:
     assert not (Path(first["run_dir"]) / "epoch-0001.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_never_breaks_the_store(home: Path, tmp_path: Path) -> None:
     """Kill a real training process at random moments, repeatedly; the store stays readable and resumable."""
     from dermcam.store.files import sha256_file
@@ -163,6 +166,18 @@ def test_sigkill_during_training_never_breaks_the_store(home: Path, tmp_path: Pa
     assert len(list_runs()) == 1
     assert [c.epoch for c in list_checkpoints()] == list(range(6))
 
+    # The killed-and-resumed run ends with exactly the weights of a run that was never interrupted.
+    straight_home = tmp_path / "straight"
+    shutil.copytree(home / "datasets", straight_home / "datasets")
+    straight = subprocess.run(cmd + ["--json"], env={**env, "DERMCAM_HOME": str(straight_home)},
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    [uninterrupted] = json.loads(straight.stdout)
+    killed, clean = weights_of(Path(result["run_dir"]), 5), weights_of(Path(uninterrupted["run_dir"]), 5)
+    assert killed.keys() == clean.keys()
+    for key in clean:
+        np.testing.assert_array_equal(killed[key], clean[key], err_msg=key)
+
 
 def test_damaged_weights_are_detected(runner, home: Path) -> None:
     [result] = run_json(runner, ["train", *TINY, "--epochs", "1", "--json"])
@@ -190,9 +205,15 @@ def test_experiments_compare_runs_and_mark_the_best(runner, home: Path) -> None:
     assert len(results) == 2
     assert {r["config"]["lr"] for r in results} == {1e-3, 3e-3}
     assert sum(r["is_best"] for r in results) == 1
-    table = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--seed", "1", "--seed", "2"])
+    table = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--seed", "1", "--seed", "2"],
+                          env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
-    assert "Comparison" in table.stdout and "*" in table.stdout
+    rows = [line.strip(" │┃|") for line in table.stdout.splitlines() if "test_efficientnet" in line
+            and re.search(r"\b[0-9a-f]{6}\b", line) and "(" not in line]
+    marked = [row for row in rows if row.startswith("*")]
+    best = re.search(r"Best: ([0-9a-f]{6}):", table.stdout)
+    assert len(rows) == 2 and len(marked) == 1 and best, table.stdout
+    assert best.group(1) in marked[0]  # the marked row is the run named best
 
 
 def test_experiments_from_toml(runner, home: Path, tmp_path: Path) -> None:
@@ -220,7 +241,7 @@ def test_evaluate_writes_report(runner, home: Path, tmp_path: Path) -> None:
         (["train", *TINY, "--balance", "weird"], 2, "--balance"),
         (["train", *TINY, "--epochs", "0"], 2, "--epochs"),
         (["train", *TINY, "--freeze", "9"], 2, "--freeze 9"),
-        (["train", "--resume"], 3, "no training runs"),
+        (["train", "--resume"], 3, "no resumable training runs"),
         (["evaluate"], 3, "no checkpoints"),
         (["train", "--config", "missing.toml"], 2, "missing.toml"),
     ],
@@ -251,3 +272,61 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert values[-1] < 0.05
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--weight-decay", "nan"], "--weight-decay"),
+        (["--head-lr-scale", "nan"], "--head-lr-scale"), (["--head-lr-scale", "-1"], "--head-lr-scale"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs"), (["--warmup-epochs", "inf"], "--warmup-epochs"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--patience", "-1"], "--patience"),
+        (["--image-size", "100000x100000"], "--image-size"), (["--image-size", "48x"], "--image-size"),
+        (["--monitor", "val_bogus"], "--monitor"), (["--monitor", "val_recall_bcc"], "names no class"),
+        (["--seed", "-1"], "--seed"), (["--run", "abc"], "needs --resume"),
+    ],
+)
+def test_bad_options_are_refused_before_any_run_exists(runner, home: Path, extra: list[str], words: str) -> None:
+    result = runner.invoke(app, ["train", *TINY, "--epochs", "1", *extra])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+@pytest.mark.parametrize("line", ['epochs = "two"', "lr = true", 'image_size = [48, 36]', "seed = 1.5"])
+def test_toml_values_of_the_wrong_type_are_refused(runner, home: Path, tmp_path: Path, line: str) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text(f'backbone = "test_efficientnet"\npretrained = "none"\ndataset = "synth"\n{line}\n')
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2 and "must be" in result.output and "Traceback" not in result.output
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_an_interrupted_run_says_so_and_resumes(runner, home: Path, monkeypatch) -> None:
+    from dermcam.store.runs import latest_run, read_run
+    from dermcam.train import trainer
+
+    original = trainer.Trainer.train_one_epoch
+
+    def interrupt_in_second_epoch(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", interrupt_in_second_epoch)
+    result = runner.invoke(app, ["train", *TINY, "--epochs", "2"])
+    assert result.exit_code == 130
+    assert read_run(latest_run())["status"] == "interrupted"
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
+    resumed = runner.invoke(app, ["train", "--resume", "--lr", "0.5", "--device", "cpu", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "ignored: --lr" in resumed.stderr
+    assert read_run(latest_run())["status"] == "finished" and read_run(latest_run())["error"] is None
+
+
+def test_an_image_size_above_the_cache_says_it_trains_on_upsampled_pixels(runner, home: Path) -> None:
+    args = [a if a != "48" else "96x72" for a in TINY]  # the synthetic cache is 64x48
+    result = runner.invoke(app, ["train", *args, "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "upsampled" in result.stderr.replace("\n", " ")

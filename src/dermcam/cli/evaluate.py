@@ -19,7 +19,7 @@ def evaluate_command(
     tta: bool = typer.Option(False, help="Average predictions over the four flips (as explain --tta does)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: no files, print only)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
+    precision: str = typer.Option("auto", help="auto (fp32: the same scores as explain, on every machine) | bf16 | fp16 | fp32."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Evaluate a checkpoint on a split: balanced accuracy, macro F1, per-class recall, AUC, confusion matrix."""

@@ -47,13 +47,20 @@ def monitor_cell(monitor: dict[str, Any]) -> str:
 
 
 def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
-    """The ``ckpt list`` table (also shown by ``dermcam demo``)."""
+    """The ``ckpt list`` table (also shown by ``dermcam demo``); damaged entries last, with their problem."""
+    from rich.markup import escape
+
     from dermcam.store.manage import LIST_METRICS
     from dermcam.store.paths import runs_dir
 
-    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in rows)
+    intact = [r for r in rows if not r.get("problem")]
+    extra_monitor = any(str(r["monitor"].get("name", "")).removeprefix("val_") not in LIST_METRICS for r in intact)
+    group = next((r["rank_group"] for r in intact if "best" in r["flags"]), None)
+    caption = "bold value: the monitored metric (what best and run-best rank by)"
+    if group:
+        caption += f"\nbest ranks only checkpoints like the newest one: {group}"
     table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
-                  caption="bold value: the monitored metric (what best and run-best rank by)", caption_justify="left")
+                  caption=caption, caption_justify="left")
     table.add_column("ID", no_wrap=True)
     table.add_column("Backbone / data", overflow="fold", min_width=10)
     if extra_monitor:
@@ -63,7 +70,11 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("Size", justify="right", no_wrap=True)
     table.add_column("Age", justify="right", no_wrap=True)
     table.add_column("Flags", min_width=8)
-    for row in rows:
+    for row in rows:  # damaged entries come last (see list_checkpoint_rows)
+        if row.get("problem"):
+            table.add_row(row["id"], f"[red]{escape(row['problem'])}[/]", *["-"] * (len(LIST_METRICS) + extra_monitor),
+                          human_bytes(row["size"]), "?", "[bold red]damaged[/]")
+            continue
         monitored = str(row["monitor"].get("name", "")).removeprefix("val_")
         cells = [f"[bold]{metric_cell(row['metrics'].get(k))}[/]" if k == monitored else metric_cell(row["metrics"].get(k))
                  for k in LIST_METRICS]

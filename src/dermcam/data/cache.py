@@ -1,7 +1,9 @@
 """The image cache: every image decoded once into one memory-mapped uint8 array (``images.npy``).
 
 Rows of images whose sha256 is already in the previous cache are copied instead of decoded, so a
-re-run after a few images changed costs a few decodes.
+re-run after a few images changed costs a few decodes. Only rows written by this cache format (the
+manifest's ``cache`` entry, :func:`cache_entry`) are copied: a row from an older decoder would
+silently differ from what this version decodes.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,11 @@ from dermcam.progress import Progress
 from dermcam.store.files import atomic_path, read_json
 
 CACHE_FILE = "images.npy"
+
+
+# Bump when decoding, resizing or splitting changes: old sets stop matching prepare's fingerprint and
+# their cache rows are decoded again instead of copied.
+FORMAT_VERSION = 1
 
 
 T = TypeVar("T")
@@ -41,12 +48,17 @@ def parallel_map(func: Callable[[T], R], items: Sequence[T], workers: int, progr
     return results
 
 
+def cache_entry(size: tuple[int, int]) -> dict[str, Any]:
+    """The manifest's ``cache`` entry for a cache of ``size`` = (W, H) written by this version."""
+    return {"file": CACHE_FILE, "width": size[0], "height": size[1], "dtype": "uint8", "layout": "NHWC",
+            "format": FORMAT_VERSION}
+
+
 def _previous_rows(target: Path, size: tuple[int, int]) -> tuple[np.ndarray | None, dict[str, int]]:
-    """The previous cache of this set (when its size matches) and its rows by image sha256."""
+    """The previous cache of this set (when its size and format match) and its rows by image sha256."""
     try:
         manifest = read_json(target / "manifest.json")
-        cache = manifest["cache"]
-        if (cache["width"], cache["height"]) != size:
+        if not isinstance(manifest, dict) or manifest.get("cache") != cache_entry(size):
             return None, {}
         index = pd.read_csv(target / "index.csv", dtype=str, keep_default_na=False)
         images = np.load(target / CACHE_FILE, mmap_mode="r", allow_pickle=False)

@@ -22,7 +22,7 @@ from dermcam.data.split import SPLITS
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
 from dermcam.store.files import read_json
 from dermcam.store.locks import store_lock
-from dermcam.store.paths import datasets_dir
+from dermcam.store.paths import contained, datasets_dir
 
 SCHEMA = "dermcam.dataset/1"
 
@@ -76,7 +76,7 @@ def load_prepared(name: str | None = None, root: Path | None = None) -> Prepared
             if not available:
                 raise NotFoundError(f"no prepared data set in {datasets_dir(root)}; run: dermcam prepare SRC")
             name = max(available, key=lambda m: str(m.get("created", "")))["name"]
-        path = datasets_dir(root) / str(name)
+        path = contained(datasets_dir(root), name, "data set name", BadInputError)
         if not (path / "manifest.json").is_file():
             names = ", ".join(m["name"] for m in available) or "none; run: dermcam prepare SRC"
             raise NotFoundError(f"no prepared data set named '{name}' (available: {names})")

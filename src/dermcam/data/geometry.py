@@ -3,10 +3,17 @@
 Every command that scores an image goes through these functions, so the same file gets the same
 pixels whether training validates it, ``evaluate`` scores it or ``explain`` explains it:
 
-1. :func:`cover_resize` crops and resizes a photo to the cache's aspect ratio (what ``prepare``
-   stores in the image cache);
-2. :func:`to_float`, :func:`resize` and :func:`normalize` turn those pixels into the model's input;
-   :func:`model_input` is the three together for one image.
+1. :func:`cover_box` / :func:`cover_resize`: the photo is scaled to *cover* the cache size
+   (256x192 by default, HAM10000's 4:3) and the overflow is cropped at the centre. This is what
+   ``prepare`` stores in the image cache, and ``explain`` decodes a photo the same way
+   (:func:`dermcam.data.images.decode_image` with the checkpoint's :func:`cache_size`).
+2. :func:`batch_input` (``to_float`` -> ``resize`` -> ``normalize``): the cache-sized pixels, whole,
+   resized to the model's input size and normalised; :func:`model_input` does it for one image.
+
+Why crop rather than squash or pad: dermoscopy photos are framed on the lesion, a square or 3:2
+photo loses only margin at its edges when it is cropped to 4:3, while squashing would change the
+lesion's shape (border irregularity and asymmetry are diagnostic) and padding would feed the model
+black bars it never saw in training. ``explain`` outlines the cropped view on its overlays.
 
 :func:`parse_size` is the one parser of the ``WIDTHxHEIGHT`` options (``--cache-size``,
 ``--image-size``); it always returns ``(width, height)``. Torch is imported inside the functions
@@ -48,15 +55,28 @@ def parse_size(value: int | str | Sequence[int], option: str = "--image-size", *
     return width, height
 
 
+def cover_box(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centred region ``(left, top, right, bottom)`` of an image of ``image_size`` (W, H) with the
+    aspect ratio of ``size`` (W, H): what the model sees of the photo."""
+    width, height = image_size
+    scale = max(size[0] / width, size[1] / height)
+    box_w, box_h = size[0] / scale, size[1] / scale
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return left, top, left + box_w, top + box_h
+
+
 def cover_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize to cover ``size`` (W, H) keeping the aspect ratio, cropping the overflow at the centre."""
     from PIL import Image
 
-    width, height = image.size
-    scale = max(size[0] / width, size[1] / height)
-    box_w, box_h = size[0] / scale, size[1] / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h))
+    return image.resize(size, Image.Resampling.BICUBIC, box=cover_box(image.size, size))
+
+
+def cache_size(preprocessing: Mapping[str, Any]) -> tuple[int, int]:
+    """The cache size (W, H) a checkpoint's images were decoded to; checkpoints written before it was
+    recorded were all trained on the default cache."""
+    size = preprocessing.get("cache_size") or DEFAULT_CACHE_SIZE
+    return int(size[0]), int(size[1])
 
 
 def to_float(batch: np.ndarray) -> torch.Tensor:
@@ -89,13 +109,17 @@ def flips(x: torch.Tensor) -> list[torch.Tensor]:
     return [x.flip(dims) if dims else x for dims in FLIP_DIMS]
 
 
-def model_input(image: Any, preprocessing: Mapping[str, Any]) -> torch.Tensor:
-    """PIL image -> normalised (3,H,W) float tensor, exactly as evaluation sees images.
+def batch_input(pixels: np.ndarray, preprocessing: Mapping[str, Any]) -> torch.Tensor:
+    """(B, H, W, 3) uint8 cache-sized pixels -> the model's normalised (B, 3, h, w) float input.
 
-    The whole image is resized to the model's input size (no centre crop): lesions are not always
-    centred, and training's validation path does the same.
+    The whole cache image is resized to the model's input size (no second crop).
     """
     _, height, width = preprocessing["input_size"]
-    array = np.array(image.convert("RGB"), dtype=np.uint8)[None]  # a writable copy for torch
-    x = resize(to_float(array), (height, width))
-    return normalize(x, preprocessing["mean"], preprocessing["std"])[0]
+    x = resize(to_float(pixels), (int(height), int(width)))
+    return normalize(x, preprocessing["mean"], preprocessing["std"])
+
+
+def model_input(pixels: np.ndarray, preprocessing: Mapping[str, Any]) -> torch.Tensor:
+    """One image's (H, W, 3) uint8 cache-sized pixels (from ``decode_image(path, cache_size(...))``)
+    -> its (3, h, w) model input, exactly as training's validation and ``evaluate`` see it."""
+    return batch_input(np.array(pixels, dtype=np.uint8)[None], preprocessing)[0]  # a writable copy for torch

@@ -27,11 +27,21 @@ _MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale+alpha", "P": "pa
 
 
 class ImageDecodeError(BadInputError):
-    """An image file dermcam cannot decode; ``kind`` is ``truncated`` or ``unreadable``."""
+    """An image file dermcam cannot decode; ``kind`` is ``truncated``, ``unreadable`` or ``too_large``."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def check_pixels(image: Image.Image) -> None:
+    """Refuse an opened (not yet decoded) image whose header claims more than MAX_IMAGE_PIXELS.
+
+    The one size check of ``prepare`` and ``explain``: a header is cheap to read, decoding it is not.
+    """
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(f"{image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS // 1_000_000} MP "
+                               "limit (possible decompression bomb)", "too_large")
 
 
 def conversion_note(image: Image.Image) -> str | None:
@@ -84,6 +94,7 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(handle) as image:
+            check_pixels(image)
             note = conversion_note(image)
             image.draft("RGB", size)
             image.load()
@@ -91,7 +102,9 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
             array = np.asarray(cover_resize(to_rgb(image), size), dtype=np.uint8)
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read", "unreadable") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own cap, raised while opening
+        raise ImageDecodeError(f"refused as a possible decompression bomb ({_reason(exc)})", "too_large") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         message = _reason(exc)
         kind = "truncated" if "truncated" in message.lower() else "unreadable"
         raise ImageDecodeError(message, kind) from exc
@@ -104,12 +117,11 @@ def load_image(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise BadInputError(f"{path}: {image.width}x{image.height} pixels is over the "
-                                        f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit "
-                                        "(possible decompression bomb)")
+                check_pixels(image)
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadInputError(f"{path}: refused as a possible decompression bomb (too many pixels)") from None
     except UnidentifiedImageError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from dermcam import __version__
-from dermcam.data.cache import CACHE_FILE, parallel_map, write_cache
+from dermcam.data.cache import CACHE_FILE, FORMAT_VERSION, cache_entry, parallel_map, write_cache
 from dermcam.data.classes import DEFAULT_CLASSES, check_classes
 from dermcam.data.dataset import SCHEMA
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE, parse_size
@@ -50,10 +51,6 @@ from dermcam.store.paths import datasets_dir
 
 INDEX_COLUMNS = ("image_id", "lesion_id", "dx", "label", "split", "dx_type", "age", "sex", "localization",
                  "source", "sha256")
-
-
-# Bump when decoding, resizing or splitting changes, so old sets stop matching the fingerprint.
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -88,7 +85,10 @@ class PrepareReport:
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(f) for f in fractions)
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
     if len(values) != 3 or any(not np.isfinite(v) or v < 0 for v in values):
         raise BadInputError("fractions must be three non-negative numbers: train,val,test (e.g. 0.7,0.15,0.15)")
     if abs(sum(values) - 1.0) > 1e-6 or values[0] <= 0:
@@ -96,14 +96,42 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise BadInputError(f"data set name '{name}' must be 1-64 letters, digits, '.', '_' or '-' "
+    """The name becomes a folder in the store: fullmatch, since ``$`` would accept a trailing newline."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise BadInputError(f"data set name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
                             "and start with a letter or digit")
     return name
+
+
+def _check_count(value: object, option: str, minimum: int) -> int:
+    """An integer option (not a bool, float or string) of at least ``minimum``, else BadInputError.
+
+    The CLI checks these already; a Python caller passing ``seed=-1`` or ``max_per_class="5"`` gets
+    the same one-line error instead of a failure deep inside numpy.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise BadInputError(f"{option} must be a whole number of at least {minimum}, not {value!r}")
+    return int(value)
+
+
+def _source_folder(src: Path | str) -> Path:
+    """``src`` resolved, or a one-line error: NotFoundError when absent, BadInputError for a symlink
+    loop, an unreadable path or a file."""
+    path = Path(src).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path.absolute()} does not exist") from None
+    except (OSError, RuntimeError) as exc:  # Python < 3.13 raises RuntimeError for a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
+        raise BadInputError(f"{path.absolute()} cannot be opened as a folder: {reason}") from None
+    if not resolved.is_dir():
+        raise BadInputError(f"{resolved} is not a folder: give the HAM10000 folder holding HAM10000_metadata.csv")
+    return resolved
 
 
 def default_name(src: Path) -> str:
@@ -111,10 +139,12 @@ def default_name(src: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(src).resolve().name).strip("-._")[:64] or "dataset"
 
 
-def _fingerprint(csv_sha: str, table: pd.DataFrame, unlisted: list[str], options: dict[str, Any]) -> str:
-    """One hash over everything that shapes the output: CSV, used image bytes, options, code version."""
+def _fingerprint(csv_sha: str, table: pd.DataFrame, problems: list[Problem], options: dict[str, Any]) -> str:
+    """One hash over everything that shapes the output: CSV, used image bytes, options, code version,
+    and the problems found so far (an unlisted image or a broken link changes problems.csv)."""
     payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "csv": csv_sha, "options": options,
-               "images": sorted(zip(table["source"], table["sha256"])), "unlisted": sorted(unlisted)}
+               "images": sorted(zip(table["source"], table["sha256"])),
+               "problems": sorted(sorted(p.row().items()) for p in problems)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,22 +200,36 @@ class _Scan:
 def _scan(src: Path, options: _Options, workers: int, progress: Progress) -> _Scan:
     """Read and clean the metadata, match image files, apply the cap, hash, fingerprint."""
     csv_path = find_metadata_csv(src)
-    csv_bytes = csv_path.read_bytes()
+    try:
+        csv_bytes = csv_path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read {csv_path}: {exc.strerror or type(exc).__name__}") from None
     raw, problems = read_metadata(csv_bytes, csv_path.name)
-    files = find_images(src)
+    files, folder_problems = find_images(src)
     table, row_problems, excluded = clean_rows(raw, csv_path.name, options.classes)
     table, file_problems = match_files(table, files, set(raw["image_id"]), src)
-    problems += row_problems + file_problems
+    problems += row_problems + folder_problems + file_problems
     capped = 0
     if options.max_per_class is not None:
         before = len(table)
         table = cap_per_class(table, options.max_per_class, options.seed)
         capped = before - len(table)
-    hashes = parallel_map(sha256_file, [src / s for s in table["source"]], workers, progress, "Hashing images")
-    table = table.assign(sha256=hashes).reset_index(drop=True)
-    unlisted = [p.file for p in problems if p.kind == "unlisted_image"]
-    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, unlisted, options.key())
+    hashes = parallel_map(_sha256_or_none, [src / s for s in table["source"]], workers, progress, "Hashing images")
+    table = table.assign(sha256=hashes)
+    unreadable = table["sha256"].isna()
+    problems += [Problem(r.source, r.image_id, "unreadable", "cannot read the file")
+                 for r in table[unreadable].itertuples()]
+    table = table[~unreadable].reset_index(drop=True)
+    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, problems, options.key())
     return _Scan(table, problems, excluded, capped, fingerprint)
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    """The file's sha256, or None when it cannot be read (permissions, removed since it was listed)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _manifest(name: str, src: Path, options: _Options, scan: _Scan, table: pd.DataFrame,
@@ -197,8 +241,7 @@ def _manifest(name: str, src: Path, options: _Options, scan: _Scan, table: pd.Da
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dermcam_version": __version__, "classes": options.classes,
         "label_encoding": {c: i for i, c in enumerate(options.classes)}, "fingerprint": scan.fingerprint,
-        "cache": {"file": CACHE_FILE, "width": options.size[0], "height": options.size[1], "dtype": "uint8",
-                  "layout": "NHWC"},
+        "cache": cache_entry(options.size),
         "seed": options.seed, "fractions": list(options.fractions), "max_per_class": options.max_per_class,
         "counts": counts, "lesions": lesions, "leakage": leakage_audit(group_keys(table), table["split"]),
         "problems": problem_counts(problems),
@@ -234,17 +277,13 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
     """
     started = time.monotonic()
     progress = progress or Progress()
-    workers = workers or min(4, os.cpu_count() or 1)
-    src = Path(src).expanduser().resolve()
-    if not src.exists():
-        raise NotFoundError(f"{src} does not exist")
-    if not src.is_dir():
-        raise BadInputError(f"{src} is not a folder: give the HAM10000 folder holding HAM10000_metadata.csv")
-    if max_per_class is not None and max_per_class < 1:
-        raise BadInputError("--max-per-class must be at least 1")
-    options = _Options(check_classes(classes), seed, _check_fractions(fractions), max_per_class,
-                       parse_size(cache_size, "--cache-size"))
-    name = _check_name(name) if name else default_name(src)
+    workers = _check_count(workers, "--workers", 1) if workers is not None else min(4, os.cpu_count() or 1)
+    src = _source_folder(src)
+    if max_per_class is not None:
+        max_per_class = _check_count(max_per_class, "--max-per-class", 1)
+    options = _Options(check_classes(classes), _check_count(seed, "--seed", 0), _check_fractions(fractions),
+                       max_per_class, parse_size(cache_size, "--cache-size"))
+    name = _check_name(name) if name is not None else default_name(src)
 
     scan = _scan(src, options, workers, progress)
     target = datasets_dir(root) / name

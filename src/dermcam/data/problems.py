@@ -21,6 +21,7 @@ PROBLEM_ACTIONS: dict[str, str] = {
     "unlisted_image": "skipped",  # an image file no CSV row names
     "unreadable": "skipped",
     "truncated": "skipped",
+    "too_large": "skipped",  # header dimensions over the pixel cap: refused before decoding
     "converted": "fixed",  # grayscale, RGBA, CMYK, palette, 16-bit...: converted to 8-bit RGB
 }
 

@@ -36,7 +36,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     """Evaluate a checkpoint on a split of its data set (or of ``dataset``) and write a report."""
     from dermcam.data.dataset import load_prepared
     from dermcam.evaluate.metrics import compute_metrics
-    from dermcam.evaluate.report import write_report
+    from dermcam.evaluate.report import write_predictions, write_report
     from dermcam.models.device import select_device
     from dermcam.store.inference import load_for_inference
 
@@ -53,17 +53,18 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         warnings.append(f"data set '{data.name}' changed since checkpoint {sidecar['id']} was trained "
                         "(fingerprints differ): its splits may overlap the training data")
     dev = select_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, scoring=True)
     model.to(dev)
     rows, labels = data.split(split)
     pre = sidecar["preprocessing"]
-    probs = predict(model, data.images, rows, input_size=pre["input_size"], mean=pre["mean"], std=pre["std"],
-                    device=dev, precision=prec, batch_size=batch_size, tta=tta, progress=progress,
-                    description=f"evaluate {split}")
+    probs = predict(model, data.images, rows, preprocessing=pre, device=dev, precision=prec, batch_size=batch_size,
+                    tta=tta, progress=progress, description=f"evaluate {split}")
     metrics = compute_metrics(labels, probs, sidecar["classes"])
     metrics["tta"] = tta
     report_dir = out_dir
     files: list[Path] = []
     if report_dir is not None:
         files = write_report(report_dir, metrics, sidecar["classes"], title=f"{sidecar['id']} on {data.name}/{split}")
+        files.append(write_predictions(report_dir / "predictions.csv", data.index.iloc[rows], probs,
+                                       list(sidecar["classes"])))
     return EvalResult(sidecar["id"], data.name, split, metrics, list(sidecar["classes"]), report_dir, files, warnings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,17 +16,16 @@ def batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield rows[start:start + batch_size]
 
 
-def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, input_size: Sequence[int],
-            mean: Sequence[float], std: Sequence[float], device: Any, precision: str = "fp32",
-            batch_size: int = 64, tta: bool = False, channels_last: bool = False,
+def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, preprocessing: Mapping[str, Any], device: Any,
+            precision: str = "fp32", batch_size: int = 64, tta: bool = False, channels_last: bool = False,
             progress: Progress | None = None, description: str = "predict") -> np.ndarray:
-    """Class probabilities (N, K) for cache rows ``rows``; ``tta`` averages over flips."""
+    """Class probabilities (N, K) for cache rows ``rows`` of ``images``, seen through a checkpoint's
+    ``preprocessing`` (:func:`dermcam.data.geometry.batch_input`); ``tta`` averages over flips."""
     import torch
 
-    from dermcam.data.geometry import flips, normalize, resize, to_float
+    from dermcam.data.geometry import batch_input, flips
 
     progress = progress or Progress()
-    size = (int(input_size[-2]), int(input_size[-1]))
     was_training = model.training
     model.eval()
     out = []
@@ -34,7 +33,7 @@ def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, input_size: Seq
     try:
         with torch.inference_mode(), autocast(device, precision):
             for chunk in batches(np.asarray(rows), batch_size):
-                x = normalize(resize(to_float(images[chunk]), size), mean, std)
+                x = batch_input(images[chunk], preprocessing)
                 x = x.to(device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

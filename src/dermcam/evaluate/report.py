@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dermcam.store.files import atomic_path, atomic_write_json
+import numpy as np
+
+from dermcam.store.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 
 def _pyplot() -> Any:
@@ -98,3 +100,17 @@ def write_report(out_dir: Path, metrics: dict[str, Any], classes: Sequence[str],
     if history:
         files.append(plot_curves(history, out_dir / "curves.png", title))
     return files
+
+
+def write_predictions(path: Path, index: Any, probs: np.ndarray, classes: Sequence[str]) -> Path:
+    """``predictions.csv``: one row per image (image id, lesion id, true and predicted class, one
+    probability column per class), so results can be checked and combined outside dermcam."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"image_id": index["image_id"].to_numpy(), "lesion_id": index["lesion_id"].to_numpy(),
+                          "true": index["dx"].to_numpy(),
+                          "predicted": [classes[i] for i in np.argmax(probs, axis=1)] if len(probs) else []})
+    for k, name in enumerate(classes):
+        frame[f"p_{name}"] = np.round(probs[:, k].astype(np.float64), 6) if len(probs) else []
+    atomic_write_bytes(Path(path), frame.to_csv(index=False, lineterminator="\n").encode())
+    return Path(path)

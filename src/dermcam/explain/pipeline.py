@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dermcam import __version__
-from dermcam.data.images import load_image
+from dermcam.data.images import decode_image, load_image
 from dermcam.errors import BadInputError, DermcamError, ExitCode, NotFoundError
 from dermcam.progress import Progress
 from dermcam.store.files import atomic_path, atomic_write_bytes, atomic_write_json
@@ -166,9 +166,34 @@ def checkpoint_identity(sidecar: dict[str, Any]) -> dict[str, Any]:
     return {"id": sidecar.get("id"), "sha256": sha, "backbone": sidecar.get("backbone")}
 
 
+@dataclass
+class _Loaded:
+    """One input image, read twice: at full size for the overlay, as the cache holds it for the model."""
+
+    source: Path
+    name: Path
+    photo: Image.Image
+    pixels: np.ndarray
+
+
+def _load(source: Path, name: Path, preprocessing: dict[str, Any]) -> _Loaded:
+    """The photo (upright 8-bit RGB) and its pixels decoded exactly as ``prepare`` decodes a training
+    image (:func:`dermcam.data.images.decode_image` at the checkpoint's cache size), so that explain,
+    evaluate and training's validation feed the model the same tensor for the same file."""
+    from dermcam.data.geometry import cache_size
+
+    photo = load_image(source)
+    try:
+        pixels, _ = decode_image(source, cache_size(preprocessing))
+    except DermcamError as exc:
+        raise BadInputError(f"{source}: {exc}") from None
+    return _Loaded(source, name, photo, pixels)
+
+
 def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, report: ExplainReport,
                    sidecar: dict[str, Any], probs: np.ndarray, target: int | None, cam_map: np.ndarray | None,
                    save_npy: bool, scores: dict[str, float] | None) -> ExplainedImage:
+    from dermcam.data.geometry import cache_size, cover_box
     from dermcam.explain.render import render_overlay, save_png
 
     classes = report.classes
@@ -177,8 +202,9 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
     target_name = classes[target] if target is not None else None
     overlay = npy = None
     if cam_map is not None and target is not None:
-        overlay = save_png(render_overlay(image, cam_map, label=target_name, probability=float(probs[target])),
-                           out_dir / name.with_name(f"{name.name}.cam.png"))
+        view = cover_box(image.size, cache_size(sidecar["preprocessing"]))
+        overlay = save_png(render_overlay(image, cam_map, label=target_name, probability=float(probs[target]),
+                                          view=view), out_dir / name.with_name(f"{name.name}.cam.png"))
         if save_npy:
             npy = out_dir / name.with_name(f"{name.name}.cam.npy")
             with atomic_path(npy) as tmp, open(tmp, "wb") as handle:
@@ -196,7 +222,7 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
     return ExplainedImage(source, predicted, probabilities, target_name, overlay, meta_path, npy, scores)
 
 
-def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, Path, Image.Image]], report: ExplainReport,
+def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: ExplainReport,
                    sidecar: dict[str, Any], target: int | None, cam: bool, save_npy: bool, score: bool,
                    reshape_transform: Any) -> None:
     import torch
@@ -206,7 +232,7 @@ def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, Path, Image.I
     from dermcam.explain.methods import compute_cam
     from dermcam.explain.tta import predict
 
-    x = torch.stack([model_input(image, sidecar["preprocessing"]) for _, _, image in batch])
+    x = torch.stack([model_input(item.pixels, sidecar["preprocessing"]) for item in batch])
     maps: np.ndarray | list[None]
     if cam:
         assert report.method is not None
@@ -221,9 +247,9 @@ def _explain_batch(model: torch.nn.Module, batch: list[tuple[Path, Path, Image.I
         measured = faithfulness(model, x, result.maps, result.targets)
         scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
                   for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
-    for (source, name, image), p, m, t, s in zip(batch, probs, maps, targets, scores):
-        report.results.append(_write_outputs(image, source, name, report.out_dir, report, sidecar, p, t, m,
-                                             save_npy, s))
+    for item, p, m, t, s in zip(batch, probs, maps, targets, scores):
+        report.results.append(_write_outputs(item.photo, item.source, item.name, report.out_dir, report, sidecar,
+                                             p, t, m, save_npy, s))
 
 
 def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None,
@@ -262,10 +288,10 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     reshape_transform = reshape_transform_for(model) if cam else None
     progress = progress or Progress()
     progress.start("explain", total=len(images))
-    batch: list[tuple[Path, Path, Image.Image]] = []
+    batch: list[_Loaded] = []
     for i, (source, name) in enumerate(images):
         try:
-            batch.append((source, name, load_image(source)))
+            batch.append(_load(source, name, sidecar["preprocessing"]))
         except DermcamError as exc:
             report.failures.append(ExplainFailure(source, str(exc)))
             progress.advance()
@@ -278,7 +304,17 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
 
 
 def write_csv(report: ExplainReport, path: Path) -> Path:
-    """One row per input image (failures included, with their error), one probability column per class."""
+    """One row per input image (failures included, with their error), one probability column per class.
+
+    Text cells (file names, class names, error messages) that a spreadsheet would run as a formula
+    (starting with ``= + - @``, tab or CR: a photo named ``=HYPERLINK(...).jpg``) get a leading ``'``,
+    as OWASP recommends against CSV injection; number cells are written as numbers.
+    """
+
+    def text(value: object) -> str:
+        cell = "" if value is None else str(value)
+        return "'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = report.classes
@@ -286,11 +322,11 @@ def write_csv(report: ExplainReport, path: Path) -> Path:
                      "deletion_auc", "insertion_auc", "error"])
     for row in report.rows():
         if isinstance(row, ExplainFailure):
-            writer.writerow([row.image, "error", "", *([""] * len(classes)), "", "", "", "", row.error])
+            writer.writerow([text(row.image), "error", "", *([""] * len(classes)), "", "", "", "", text(row.error)])
             continue
         scores = row.faithfulness or {}
-        writer.writerow([row.image, "ok", row.predicted, *(f"{row.probabilities[c]:.6f}" for c in classes),
-                         row.target or "", row.overlay or "", scores.get("deletion_auc", ""),
+        writer.writerow([text(row.image), "ok", text(row.predicted), *(f"{row.probabilities[c]:.6f}" for c in classes),
+                         text(row.target), text(row.overlay), scores.get("deletion_auc", ""),
                          scores.get("insertion_auc", ""), ""])
     atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
     return Path(path)

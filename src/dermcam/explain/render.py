@@ -42,6 +42,9 @@ def colorize(cam_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return table[index]
 
 
+OUTSIDE_DIM = 0.5  # how much the photo outside the model's view is darkened
+
+
 def _resize_map(cam_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a float map to ``size`` = (width, height), values kept in [0, 1]."""
     from PIL import Image
@@ -91,13 +94,18 @@ def _draw_legend(canvas: Image.Image, label: str, probability: float, colormap: 
 
 
 def render_overlay(image: Image.Image, cam_map: np.ndarray, *, label: str, probability: float,
-                   colormap: str = "jet", alpha: float = 0.45) -> Image.Image:
+                   colormap: str = "jet", alpha: float = 0.45,
+                   view: tuple[float, float, float, float] | None = None) -> Image.Image:
     """The photo at its own resolution with the CAM blended over it and a legend strip.
 
     ``cam_map`` (h, w) in [0, 1] at any resolution (the model's input size, typically) is upsampled
     bilinearly to the photo's size. Each pixel is ``(1 - alpha) * photo + alpha * colour(cam)``, the
     convention of the Grad-CAM paper and pytorch-grad-cam, so overlays look like the ones clinicians
     have seen in the literature. ``label``/``probability`` name the class the map explains.
+
+    ``view`` is the region of the photo the model saw (:func:`dermcam.data.geometry.cover_box`):
+    the map covers that region only, the cropped-off margins are dimmed and the region is outlined,
+    so nobody reads "no evidence" into a part of the photo the model never looked at.
     """
     from PIL import Image
 
@@ -107,11 +115,30 @@ def render_overlay(image: Image.Image, cam_map: np.ndarray, *, label: str, proba
     if cam.ndim != 2:
         raise BadInputError(f"cam_map must be a 2-D (h, w) array, got shape {cam.shape}")
     photo = image.convert("RGB")
-    heat = colorize(_resize_map(cam, photo.size), colormap).astype(np.float32)
-    blended = (1.0 - alpha) * np.asarray(photo, dtype=np.float32) + alpha * heat
+    left, top, right, bottom = _pixel_box(view, photo.size)
+    pixels = np.asarray(photo, dtype=np.float32)
+    blended = pixels * (1.0 - OUTSIDE_DIM)  # margins the model did not see
+    heat = colorize(_resize_map(cam, (right - left, bottom - top)), colormap).astype(np.float32)
+    blended[top:bottom, left:right] = (1.0 - alpha) * pixels[top:bottom, left:right] + alpha * heat
     canvas = Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
+    if (left, top, right, bottom) != (0, 0, *photo.size):
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(canvas).rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
+                                         width=max(1, round(min(photo.size) / 200)))
     _draw_legend(canvas, label, probability, colormap)
     return canvas
+
+
+def _pixel_box(view: tuple[float, float, float, float] | None, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``view`` rounded to whole pixels inside an image of ``size``; the whole image when None."""
+    if view is None:
+        return 0, 0, size[0], size[1]
+    left, top = max(0, round(view[0])), max(0, round(view[1]))
+    right, bottom = min(size[0], round(view[2])), min(size[1], round(view[3]))
+    if right - left < 1 or bottom - top < 1:
+        raise BadInputError(f"view {view} lies outside the {size[0]}x{size[1]} image")
+    return left, top, right, bottom
 
 
 def save_png(img: Image.Image, path: Path) -> Path:

@@ -70,11 +70,15 @@ def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[A
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def resolve_precision(requested: str, device: Any) -> str:
-    """``auto``: bf16 on CUDA cards and CPUs that support it (AMX/AVX512-BF16), else fp16 (CUDA) / fp32."""
-    import torch
+def resolve_precision(requested: str, device: Any, *, scoring: bool = False) -> str:
+    """The precision to run in: ``requested``, or for ``auto``:
 
-    pass
+    - training: bf16 on CUDA cards and CPUs that have it natively (AMX/AVX512-BF16), else fp16 (CUDA)
+      or fp32; bf16 on a CPU without it is emulated and about 2x slower than fp32.
+    - ``scoring`` (evaluate, explain, training's validation): fp32, so that the same image gets the
+      same probabilities from every command on every machine (bf16 moves them by ~1e-3).
+    """
+    import torch
 
     if requested not in ("auto", "bf16", "fp16", "fp32"):
         raise BadInputError(f"--precision must be auto, bf16, fp16 or fp32, not '{requested}'")
@@ -82,6 +86,8 @@ def resolve_precision(requested: str, device: Any) -> str:
         raise BadInputError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if requested != "auto":
         return requested
+    if scoring:
+        return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"

@@ -13,6 +13,10 @@ Layout of one training run, ``<store>/runs/<run_id>/``::
 Checkpoint ids are ``RUN:EPOCH`` (``3fa9c1:7``); commands also accept a run id (its best checkpoint),
 a sha256 prefix of the weights, ``best``, ``latest`` or a path to a ``.safetensors`` file.
 No pickle anywhere: tensors live in safetensors, everything else in JSON.
+
+A sidecar is validated against :data:`SIDECAR` whenever it is read, and must describe the checkpoint
+stored where it lies (its run folder, its epoch's file names): a sidecar that fails either is
+*damaged*, reported by ``ckpt list``/``verify``/``prune`` and otherwise ignored, never followed.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from dermcam import __version__
 from dermcam.errors import CorruptError, NotFoundError
+from dermcam.store import schema as s
 from dermcam.store.files import atomic_write_json, read_json, utc_now
-from dermcam.store.tensors import load_tensors, save_tensors, split_state
+from dermcam.store.paths import contained
+from dermcam.store.tensors import load_tensors, save_tensors, split_state, state_outline
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +40,38 @@ if TYPE_CHECKING:
 CHECKPOINT_SCHEMA = "dermcam.checkpoint/1"
 
 
-DEFAULT_MONITOR = "val_balanced_accuracy"
-
-
 _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.json$")
+
+
+# The JSON part of the training state, as the trainer writes it (test and older states may omit keys).
+TRAINING_STATE = s.obj(optional={
+    "epoch": s.EPOCH, "step": s.integer(), "bad_epochs": s.integer(), "stopped": s.boolean,
+    "best": s.nullable(s.obj({"epoch": s.EPOCH, "value": s.number(), "id": s.ID})),
+})
+
+SIDECAR = s.obj({
+    "schema": s.one_of(CHECKPOINT_SCHEMA),
+    "id": s.ID,
+    "run_id": s.NAME,
+    "epoch": s.EPOCH,
+    "weights": s.obj({"file": s.NAME, "sha256": s.SHA256}, optional={"size": s.integer()}),
+    "backbone": s.BACKBONE,
+    "classes": s.CLASSES,
+    "preprocessing": s.PREPROCESSING,
+}, optional={
+    "state": s.obj({"file": s.NAME, "sha256": s.SHA256,
+                    "json": s.decoded(state_outline, TRAINING_STATE, "is not a training state")}),
+    "monitor": s.MONITOR,
+    "dataset": s.DATASET,
+    "metrics": s.obj(),
+    "config": s.CONFIG,
+    "versions": s.obj(),
+    "imported": s.obj(),
+    "label_encoding": s.LABEL_ENCODING,
+    "created": s.TIMESTAMP,
+    "step": s.integer(),
+    "train_loss": s.nullable(s.number(finite=False)),
+})
 
 
 def versions() -> dict[str, str]:
@@ -72,21 +106,31 @@ class Checkpoint:
 
     @property
     def weights_path(self) -> Path:
-        return self.run_dir / self.sidecar["weights"]["file"]
+        return contained(self.run_dir, self.sidecar["weights"]["file"], "weights file")
 
     @property
     def state_path(self) -> Path | None:
         state = self.sidecar.get("state")
-        return self.run_dir / state["file"] if state else None
+        return contained(self.run_dir, state["file"], "state file") if state else None
+
+    @property
+    def monitor(self) -> dict[str, Any]:
+        return self.sidecar.get("monitor") or {}
 
     @property
     def monitor_value(self) -> float | None:
-        value = self.sidecar.get("monitor", {}).get("value")
+        value = self.monitor.get("value")
         return None if value is None else float(value)
 
     @property
     def monitor_mode(self) -> str:
-        return str(self.sidecar.get("monitor", {}).get("mode", "max"))
+        return str(self.monitor.get("mode", "max"))
+
+    @property
+    def rank_group(self) -> RankGroup:
+        """What this checkpoint may be ranked against (see :func:`best_of`)."""
+        return RankGroup((self.sidecar.get("dataset") or {}).get("name"), tuple(self.sidecar["classes"]),
+                         self.monitor.get("name"))
 
     def files(self) -> list[Path]:
         paths = [self.weights_path, self.sidecar_path]
@@ -135,7 +179,7 @@ def save_checkpoint(run_dir: Path, *, epoch: int, model_state: Mapping[str, torc
         epoch=epoch,
         weights={"file": weights_file, "sha256": weights_sha, "size": (run_dir / weights_file).stat().st_size},
         versions=versions(),
-        created=utc_now(),
+        created=utc_now("microseconds"),  # "newest" decides what best ranks against (see ranked_group)
     )
     if train_state is not None:
         state_file = f"{stem}.state.safetensors"
@@ -146,32 +190,79 @@ def save_checkpoint(run_dir: Path, *, epoch: int, model_state: Mapping[str, torc
     return Checkpoint(sidecar_path, full)
 
 
-def read_checkpoint(sidecar_path: Path) -> Checkpoint:
-    """Parse a sidecar; CorruptError when it is not a complete dermcam checkpoint sidecar."""
+def read_json_document(path: Path, check: s.Check, what: str) -> Any:
+    """A JSON file validated against ``check``; CorruptError (one line) when unreadable or invalid."""
     try:
-        data = read_json(sidecar_path)
-    except (OSError, ValueError) as exc:
-        raise CorruptError(f"{sidecar_path} is not valid JSON ({exc})") from None
-    required = ("schema", "id", "run_id", "epoch", "weights", "backbone", "classes", "preprocessing")
-    if not isinstance(data, dict) or data.get("schema") != CHECKPOINT_SCHEMA or any(k not in data for k in required):
-        raise CorruptError(f"{sidecar_path} is not a dermcam checkpoint sidecar")
-    ckpt = Checkpoint(Path(sidecar_path), data)
+        data = read_json(path)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CorruptError(f"{path} is not readable JSON ({exc}) (damaged or modified)") from None
+    s.validate(data, check, f"{path}: {what}")
+    return data
+
+
+def read_checkpoint(sidecar_path: Path) -> Checkpoint:
+    """Parse and validate a sidecar; CorruptError when it is not a complete checkpoint stored where it lies."""
+    sidecar_path = Path(sidecar_path)
+    ckpt = Checkpoint(sidecar_path, read_json_document(sidecar_path, SIDECAR, "sidecar"))
+    _check_location(ckpt)
     if not ckpt.weights_path.is_file():
         raise CorruptError(f"{sidecar_path}: its weights file {ckpt.weights_path.name} is missing")
     return ckpt
 
 
-def run_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints of one run, by epoch. Incomplete or damaged ones are skipped here."""
-    found = []
-    for path in sorted(Path(run_dir).glob("epoch-*.json")):
-        if not _EPOCH_FILE.match(path.name):
+def _check_location(ckpt: Checkpoint) -> None:
+    """A sidecar describes the checkpoint of its own folder and epoch, and names that epoch's files.
+
+    Otherwise pruning it would delete another checkpoint's weights, and a rollback would move another
+    run's resume pointer.
+    """
+    stem = epoch_stem(ckpt.epoch)
+    state = ckpt.sidecar.get("state")
+    expected = (ckpt.run_id == ckpt.run_dir.name and ckpt.id == f"{ckpt.run_id}:{ckpt.epoch}"
+                and ckpt.sidecar_path.name == f"{stem}.json"
+                and ckpt.sidecar["weights"]["file"] == f"{stem}.safetensors"
+                and (state is None or state["file"] == f"{stem}.state.safetensors"))
+    if not expected:
+        raise CorruptError(f"{ckpt.sidecar_path} names checkpoint {ckpt.id}, which is not where it is stored "
+                           "(damaged or modified)")
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A stored document that failed validation: where, what is wrong, and whose it is."""
+
+    path: Path
+    problem: str
+    run_id: str
+    epoch: int | None = None  # from the sidecar's file name; None for run-level files
+
+    @property
+    def id(self) -> str:
+        return self.run_id if self.epoch is None else f"{self.run_id}:{self.epoch}"
+
+
+def scan_run(run_dir: Path) -> tuple[list[Checkpoint], list[Damage]]:
+    """Complete checkpoints of one run (by epoch), and the sidecars that are damaged.
+
+    Listing, pruning and verifying all read a run through here, so they agree on what is damaged.
+    """
+    run_dir = Path(run_dir)
+    found: list[Checkpoint] = []
+    damaged: list[Damage] = []
+    for path in sorted(run_dir.glob("epoch-*.json")):
+        match = _EPOCH_FILE.match(path.name)
+        if not match:
             continue
         try:
-            found.append(read_checkpoint(path))
-        except CorruptError:
-            continue
-    return sorted(found, key=lambda c: c.epoch)
+            found.append(read_checkpoint(contained(run_dir, path.name, "sidecar")))
+        except CorruptError as exc:
+            damaged.append(Damage(path, str(exc), run_dir.name, int(match.group(1))))
+    return sorted(found, key=lambda c: c.epoch), damaged
+
+
+def run_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints of one run, by epoch. Incomplete or damaged ones are skipped here."""
+    return scan_run(run_dir)[0]
 
 
 def better(a: Checkpoint, b: Checkpoint | None) -> bool:
@@ -187,22 +278,37 @@ def better(a: Checkpoint, b: Checkpoint | None) -> bool:
     return a.monitor_value > b.monitor_value
 
 
-def best_of(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
-    """The best checkpoint by its monitored metric.
+@dataclass(frozen=True)
+class RankGroup:
+    """Checkpoints whose monitored values can be compared: same data set, classes and metric."""
 
-    Values of different metrics are not comparable (a val_loss of 0.8 is not "better" than a balanced
-    accuracy of 0.9), so when runs monitor different metrics only those monitoring the default
-    (val_balanced_accuracy) compete, or else those monitoring the newest checkpoint's metric.
+    dataset: str | None
+    classes: tuple[str, ...]
+    monitor: str | None
+
+    def __str__(self) -> str:
+        return f"{self.monitor or '?'} on data set {self.dataset or '?'} ({', '.join(self.classes)})"
+
+
+def ranked_group(checkpoints: Iterable[Checkpoint]) -> RankGroup | None:
+    """The group ``best`` ranks in: that of the newest checkpoint with a monitored value.
+
+    A balanced accuracy on another data set or class set, or a val_loss, says nothing about whether
+    a checkpoint is better, so only checkpoints comparable to the one trained last compete.
     """
-    ckpts = [c for c in checkpoints if c.monitor_value is not None]
-    names = {c.sidecar["monitor"].get("name") for c in ckpts}
-    if len(names) > 1:
-        newest = max(ckpts, key=lambda c: c.sidecar.get("created", ""))
-        chosen = DEFAULT_MONITOR if DEFAULT_MONITOR in names else newest.sidecar["monitor"].get("name")
-        ckpts = [c for c in ckpts if c.sidecar["monitor"].get("name") == chosen]
+    scored = [c for c in checkpoints if c.monitor_value is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda c: (c.sidecar.get("created", ""), c.epoch)).rank_group
+
+
+def best_of(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
+    """The best checkpoint by its monitored metric, among those in :func:`ranked_group`."""
+    ckpts = list(checkpoints)
+    group = ranked_group(ckpts)
     best: Checkpoint | None = None
     for ckpt in ckpts:
-        if better(ckpt, best):
+        if ckpt.rank_group == group and better(ckpt, best):
             best = ckpt
     return best
 

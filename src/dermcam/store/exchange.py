@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
+from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, versions
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
 from dermcam.store.locks import store_lock
@@ -64,7 +65,23 @@ DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _FLOAT_CODES = set(DTYPES.values())
 
 
-_BACKBONE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+# The document in an exported file's header; shared parts (preprocessing, classes, ...) are a sidecar's.
+EXPORT_META = s.obj({
+    "backbone": s.BACKBONE,
+    "classes": s.CLASSES,
+    "preprocessing": s.PREPROCESSING,
+    "dtype": s.one_of(*DTYPES),
+    "tensors_sha256": s.SHA256,
+}, optional={
+    "label_encoding": s.LABEL_ENCODING,
+    "metrics": s.obj(),
+    "monitor": s.MONITOR,
+    "dataset": s.DATASET,
+    "config": s.CONFIG,
+    "versions": s.obj(),
+    "source": s.obj(optional={"id": s.ID, "epoch": s.EPOCH, "sha256": s.SHA256}),
+    "exported": s.TIMESTAMP,
+})
 
 
 @dataclass(frozen=True)
@@ -258,46 +275,15 @@ def _check_length(path: Path, header: Mapping[str, Any], data_bytes: int) -> Non
 
 
 def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
-    """Type-check the metadata document; one line naming the first bad field."""
+    """Validate the metadata document against :data:`EXPORT_META`; one line naming the first bad field.
+
+    The same preprocessing, class and monitor checks as a store sidecar's: what a sidecar may not
+    hold (a NaN mean, a negative epoch) cannot be imported either.
+    """
     if not isinstance(meta, dict) or meta.get("schema") != EXPORT_SCHEMA:
         found = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
         raise BadInputError(f"{path}: unsupported export schema {found!r} (this dermcam reads {EXPORT_SCHEMA})")
-
-    def bad(field: str, why: str) -> CorruptError:
-        return CorruptError(f"{path}: metadata field '{field}' {why} (damaged or modified)")
-
-    backbone = meta.get("backbone")
-    if not isinstance(backbone, str) or not _BACKBONE.match(backbone):
-        raise bad("backbone", "is not a model name")
-    classes = meta.get("classes")
-    if (not isinstance(classes, list) or not 2 <= len(classes) <= 1000
-            or not all(isinstance(c, str) and 0 < len(c) <= 100 for c in classes) or len(set(classes)) != len(classes)):
-        raise bad("classes", "is not a list of 2 or more distinct names")
-    pre = meta.get("preprocessing")
-    if not isinstance(pre, dict):
-        raise bad("preprocessing", "is missing")
-    size = pre.get("input_size")
-    if (not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                 and 0 < v <= 4096 for v in size)):
-        raise bad("preprocessing.input_size", "is not three sizes (channels, height, width)")
-    for key in ("mean", "std"):
-        values = pre.get(key)
-        if (not isinstance(values, list) or len(values) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise bad(f"preprocessing.{key}", "is not three numbers")
-    if not all(v > 0 for v in pre["std"]):
-        raise bad("preprocessing.std", "has a value that is not positive")
-    if not isinstance(pre.get("interpolation", "bilinear"), str):
-        raise bad("preprocessing.interpolation", "is not a string")
-    for key in ("metrics", "monitor", "dataset", "config", "source", "versions"):
-        if not isinstance(meta.get(key, {}), dict):
-            raise bad(key, "is not a JSON object")
-    if not isinstance(meta.get("label_encoding"), (dict, list, str, type(None))):
-        raise bad("label_encoding", "is not a JSON object, list or string")
-    if meta.get("dtype") not in DTYPES:
-        raise bad("dtype", f"is not one of {', '.join(DTYPES)}")
-    if not isinstance(meta.get("tensors_sha256"), str):
-        raise bad("tensors_sha256", "is missing")
+    s.validate(meta, EXPORT_META, f"{path}: metadata")
     return meta
 
 
@@ -394,8 +380,6 @@ def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     written, so a bad file leaves the store byte for byte as it was. The weights are stored as
     float32 like trained checkpoints, whatever precision the file used.
     """
-    pass
-
     exported, _ = read_exported(path)
     meta = exported.meta
     source = meta.get("source") or {}
@@ -410,7 +394,7 @@ def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
         run_dir = create_run(meta.get("config") or {}, root, new_run_id())
         try:
             update_run(run_dir, status="imported", imported=imported)
-            ckpt = save_checkpoint(run_dir, epoch=int(source.get("epoch") or 0),
+            ckpt = save_checkpoint(run_dir, epoch=source.get("epoch", 0),
                                    model_state=_as_float32(exported.tensors), sidecar=_imported_sidecar(meta, imported))
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -427,6 +411,7 @@ def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def _imported_sidecar(meta: dict[str, Any], imported: dict[str, Any]) -> dict[str, Any]:
-    keys = ("backbone", "classes", "label_encoding", "preprocessing", "metrics", "monitor", "config", "dataset",
-            "pretrained")
-    return {**{k: meta.get(k) for k in keys}, "imported": imported}
+    """The sidecar of an imported checkpoint; optional objects the file lacks are empty, never null."""
+    keys = ("backbone", "classes", "label_encoding", "preprocessing", "pretrained")
+    objects = ("metrics", "monitor", "config", "dataset")
+    return {**{k: meta.get(k) for k in keys}, **{k: meta.get(k) or {} for k in objects}, "imported": imported}

@@ -14,13 +14,10 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 TMP_SUFFIX = ".tmp"
 
@@ -98,6 +95,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# A temporary (or a run folder) younger than this may belong to a write in progress and is kept.
+FRESH_TEMPORARY_S = 60.0
+
+
+def recently_written(*paths: Path) -> bool:
+    """True when any of ``paths`` changed within :data:`FRESH_TEMPORARY_S`: maybe still being written."""
+    return any(time.time() - p.stat().st_mtime < FRESH_TEMPORARY_S for p in paths)
 
 
 def leftover_temporaries(folder: Path) -> list[Path]:

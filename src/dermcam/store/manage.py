@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import re
-import time
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,23 @@ from typing import Any
 
 from dermcam.errors import BadInputError, CorruptError, LockedError
 from dermcam.progress import Progress
-from dermcam.store.checkpoint import Checkpoint, best_of, epoch_stem, rank_key, read_checkpoint, run_checkpoints
+from dermcam.store.checkpoint import Checkpoint, Damage, best_of, rank_key, run_checkpoints, scan_run
 from dermcam.store.exchange import import_exported, is_exported_file
-from dermcam.store.files import TMP_SUFFIX, sha256_file
+from dermcam.store.files import TMP_SUFFIX, recently_written, sha256_file
 from dermcam.store.locks import is_locked, store_lock
-from dermcam.store.paths import runs_dir
 from dermcam.store.references import resolve
-from dermcam.store.runs import find_run, incomplete_files, list_checkpoints, read_run, resume_point, update_run
-from dermcam.store.tensors import join_state
+from dermcam.store.runs import (
+    creation_leftover,
+    find_run,
+    incomplete_files,
+    read_run,
+    resume_point,
+    run_folders,
+    scan_checkpoints,
+    scan_metrics,
+    update_run,
+)
+from dermcam.store.tensors import state_outline
 
 # Metrics shown as columns by ``ckpt list`` (sidecar "metrics" keys), in order.
 LIST_METRICS = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
@@ -34,13 +42,6 @@ LIST_METRICS = ("balanced_accuracy", "macro_f1", "recall_mel", "auc_macro")
 
 # Sort keys that are not metrics; "age" sorts newest first.
 _SORT_FIELDS = ("epoch", "age", "size", "monitor")
-
-
-_SIDECAR = re.compile(r"^epoch-(\d{4,})\.json$")
-
-
-# A temporary younger than this may belong to a write in progress (run.json, metrics) and is kept.
-FRESH_TEMPORARY_S = 60.0
 
 
 def run_is_active(run_id: str, root: Path | None = None) -> bool:
@@ -67,7 +68,7 @@ def describe(ckpt: Checkpoint, flags: list[str], exports: list[dict[str, Any]]) 
         "epoch": ckpt.epoch,
         "backbone": side.get("backbone"),
         "dataset": (side.get("dataset") or {}).get("name"),
-        "monitor": side.get("monitor") or {},
+        "monitor": ckpt.monitor,
         "metrics": {k: v for k, v in (side.get("metrics") or {}).items() if isinstance(v, (int, float))},
         "size": ckpt.size_bytes(),
         "created": side.get("created"),
@@ -78,11 +79,24 @@ def describe(ckpt: Checkpoint, flags: list[str], exports: list[dict[str, Any]]) 
         "imported": side.get("imported"),
         "sha256": side["weights"]["sha256"],
         "path": str(ckpt.weights_path),
+        "rank_group": str(ckpt.rank_group),
+        "problem": None,
     }
 
 
+def describe_damage(damage: Damage) -> dict[str, Any]:
+    """A damaged sidecar or run.json as a ``ckpt list`` row: same keys, ``problem`` says what is wrong."""
+    return {"id": damage.id, "run_id": damage.run_id, "epoch": damage.epoch, "backbone": None, "dataset": None,
+            "monitor": {}, "metrics": {}, "size": damage.path.stat().st_size if damage.path.is_file() else 0,
+            "created": None, "age_seconds": None, "resumable": False, "flags": ["damaged"], "exports": [],
+            "imported": None, "sha256": None, "path": str(damage.path), "rank_group": None,
+            "problem": damage.problem}
+
+
 def _sort_value(row: dict[str, Any], key: str) -> tuple[int, float]:
-    """(missing?, value) with smaller = listed first: best metric first, losses ascending."""
+    """(missing?, value) with smaller = listed first: best metric first, losses ascending, damage last."""
+    if row["problem"]:
+        return 2, 0.0
     if key == "epoch":
         return 0, float(row["epoch"])
     if key == "size":
@@ -105,13 +119,19 @@ def list_checkpoint_rows(run: str | None = None, sort: str | None = None,
 
     Flags: ``best`` (what ``best`` resolves to, across all runs), ``run-best`` (best of its run by its
     monitored metric), ``latest`` (its run's resume point), ``exported``, ``imported``, ``training``
-    (its run is training right now).
+    (its run is training right now), ``damaged`` (a sidecar or run.json that failed validation; its
+    ``problem`` says why, and it is listed last). ``rank_group`` says what a checkpoint is ranked
+    against: ``best`` competes only among checkpoints sharing the newest one's group (see
+    :func:`dermcam.store.checkpoint.best_of`).
     """
     from dermcam.store.exchange import exports_of, read_exports
 
-    everything = list_checkpoints(root)
+    everything, damaged = scan_checkpoints(root)
     overall = best_of(everything)
-    shown = list_checkpoints(root, run) if run else everything
+    if run:
+        shown, damaged = scan_checkpoints(root, run)
+    else:
+        shown = everything
     by_run: dict[str, list[Checkpoint]] = {}
     for ckpt in shown:
         by_run.setdefault(ckpt.run_id, []).append(ckpt)
@@ -131,6 +151,7 @@ def list_checkpoint_rows(run: str | None = None, sort: str | None = None,
                 ("imported", bool(ckpt.sidecar.get("imported"))),
                 ("training", active)) if on]
             rows.append(describe(ckpt, flags, exports))
+    rows += [describe_damage(d) for d in damaged]
     if sort:
         key = sort.removeprefix("val_")
         if key not in _SORT_FIELDS and rows and not any(key in r["metrics"] for r in rows):
@@ -194,23 +215,20 @@ def _needed_by_training(ckpts: list[Checkpoint]) -> list[Checkpoint | None]:
 
 
 def _state_best_id(ckpt: Checkpoint) -> str | None:
-    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.train.trainer)."""
-    skeleton = (ckpt.sidecar.get("state") or {}).get("json")
-    entries = skeleton.get("__map__") if isinstance(skeleton, dict) else None
-    for key, value in entries if isinstance(entries, list) else []:
-        if key == "best" and isinstance(value, dict):
-            best = join_state(value, {}) if "__map__" in value else value
-            return str(best.get("id")) if isinstance(best, dict) and best.get("id") else None
-    return None
+    """The ``best`` checkpoint id recorded in a checkpoint's training state (see dermcam.train.trainer);
+    the sidecar validator has already checked its shape."""
+    state = ckpt.sidecar.get("state")
+    best = state_outline(state["json"]).get("best") if state else None
+    return best["id"] if best else None
 
 
 def _check_global(ckpts: list[Checkpoint]) -> None:
-    monitors = {(c.sidecar.get("monitor", {}).get("name"), c.monitor_mode) for c in ckpts
-                if c.monitor_value is not None}
-    if len(monitors) > 1:
-        names = ", ".join(sorted(f"{n} ({m})" for n, m in monitors))
-        raise BadInputError(f"runs monitor different metrics ({names}); --global cannot rank them together, "
-                            "prune per run instead")
+    """--global ranks everything together, which only means something within one rank group."""
+    groups = {c.rank_group for c in ckpts if c.monitor_value is not None}
+    if len(groups) > 1:
+        names = "; ".join(sorted(map(str, groups)))
+        raise BadInputError(f"runs monitor different metrics or were trained on different data sets or classes "
+                            f"({names}); --global cannot rank them together, prune per run instead")
 
 
 def delete_checkpoint(ckpt: Checkpoint) -> int:
@@ -239,7 +257,7 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
         raise BadInputError("--global ranks across all runs; it cannot be combined with --run")
     # A dry run only reads (sidecars are written atomically), so it takes no lock and creates no file.
     with contextlib.nullcontext() if dry_run else store_lock("store", root=root):
-        ckpts = list_checkpoints(root, run)
+        ckpts, damaged = scan_checkpoints(root, run)
         if global_rank:
             _check_global(ckpts)
         by_run: dict[str, list[Checkpoint]] = {}
@@ -255,12 +273,15 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
             if not dry_run:
                 size = delete_checkpoint(ckpt)
             removed.append({"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
-                            "monitor": ckpt.sidecar.get("monitor") or {}, "bytes": size})
+                            "monitor": ckpt.monitor, "bytes": size})
         if not dry_run:
             _clear_dangling_pointers({c.run_id: c for c in doomed}.values(), {c.id for c in doomed})
+    # Damaged sidecars and runs are never deleted (nor followed): the user decides, see ckpt verify.
     kept = [{"id": c.id, "reasons": plan.keep[c.id]} for c in ckpts if c.id in plan.keep]
+    kept += [{"id": d.id, "reasons": ["damaged"]} for d in damaged]
     return {"dry_run": dry_run, "removed": removed, "kept": kept, "active_runs": active,
-            "bytes_freed": sum(r["bytes"] for r in removed)}
+            "bytes_freed": sum(r["bytes"] for r in removed),
+            "damaged": [{"id": d.id, "path": str(d.path), "problem": d.problem} for d in damaged]}
 
 
 def _clear_dangling_pointers(ckpts: Iterable[Checkpoint], removed: set[str]) -> None:
@@ -290,61 +311,71 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Re-hash every checkpoint's files and check every sidecar; optionally clean interrupted writes.
 
-    Damaged: an unreadable sidecar or run.json, a missing file, a size or hash mismatch (never
-    deleted: the user decides). Incomplete: weights/state files with no sidecar and ``*.tmp``
-    temporaries, what an interrupted write or prune leaves; ``clean`` deletes those, except in runs
-    that are training right now.
+    Damaged: a sidecar, run.json or metrics line that fails validation, a missing file, a size or
+    hash mismatch (never deleted: the user decides). Incomplete: weights/state files with no sidecar,
+    ``*.tmp`` temporaries and run folders that run creation left (see ``runs.creation_leftover``):
+    what an interrupted write, prune or start leaves. ``clean`` deletes those, except in runs that are
+    training right now and what may still be being written (younger than ``FRESH_TEMPORARY_S``).
     """
     progress = progress or Progress()
-    base = runs_dir(root)
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
-    ok: list[str] = []
-    damaged: list[dict[str, str]] = []
-    incomplete: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"checked": 0, "ok": [], "damaged": [], "incomplete": []}
     with store_lock("store", shared=not clean, root=root):
-        sidecars = [(run, p) for run in folders for p in sorted(run.glob("epoch-*.json")) if _SIDECAR.match(p.name)]
-        progress.start("Verifying checkpoints", total=len(sidecars))
-        for run in folders:
-            try:
-                read_run(run)
-            except CorruptError as exc:
-                damaged.append({"path": str(run / "run.json"), "problem": str(exc)})
-        damaged_stems: set[tuple[Path, str]] = set()
-        for run, sidecar in sidecars:
-            problem = _verify_one(sidecar)
-            if problem is None:
-                ok.append(f"{run.name}:{int(_SIDECAR.match(sidecar.name).group(1))}")
-            else:
-                damaged.append({"path": str(sidecar), "problem": problem})
-                damaged_stems.add((run, sidecar.stem))
-            progress.advance()
+        folders, outside = run_folders(root)
+        report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in outside]
+        leftovers = [run for run in folders if creation_leftover(run)]
+        scans = {run: scan_run(run) for run in folders if run not in leftovers}
+        report["checked"] = sum(len(found) + len(bad) for found, bad in scans.values())
+        progress.start("Verifying checkpoints", total=report["checked"])
+        for run, (found, bad) in scans.items():
+            _verify_run(run, found, bad, report, progress)
         progress.finish()
-        for run in folders:
+        for run in leftovers:
+            report["incomplete"].append(_leftover(run, clean, run_is_active(run.name, root)))
+        for run, (_, bad) in scans.items():
+            damaged_stems = {d.path.stem for d in bad}
             active = run_is_active(run.name, root)
-            for path in incomplete_files(run):
-                if (run, path.name.split(".")[0]) in damaged_stems:
-                    continue  # part of a damaged checkpoint, reported above
-                fresh = path.name.endswith(TMP_SUFFIX) and time.time() - path.stat().st_mtime < FRESH_TEMPORARY_S
-                note = "run is training; left alone" if active else "may be a write in progress; left alone" if fresh else ""
-                entry = {"path": str(path), "bytes": path.stat().st_size, "cleaned": False, "note": note}
-                if clean and not note:
-                    path.unlink(missing_ok=True)
-                    entry["cleaned"] = True
-                incomplete.append(entry)
-    return {"checked": len(sidecars), "ok": ok, "damaged": damaged, "incomplete": incomplete,
-            "cleaned_bytes": sum(e["bytes"] for e in incomplete if e["cleaned"])}
+            report["incomplete"] += [_leftover(path, clean, active) for path in incomplete_files(run)
+                                     if path.name.split(".")[0] not in damaged_stems]  # else reported as damaged
+    report["cleaned_bytes"] = sum(e["bytes"] for e in report["incomplete"] if e["cleaned"])
+    return report
 
 
-def _verify_one(sidecar: Path) -> str | None:
-    """None when the checkpoint behind ``sidecar`` is intact, else what is wrong (one line)."""
+def _verify_run(run: Path, found: list[Checkpoint], bad: list[Damage], report: dict[str, Any],
+                progress: Progress) -> None:
+    """Add one run's intact and damaged checkpoints, and its run.json and metrics problems, to ``report``."""
     try:
-        ckpt = read_checkpoint(sidecar)
+        read_run(run)
     except CorruptError as exc:
-        return str(exc)
-    if ckpt.sidecar.get("id") != f"{ckpt.run_dir.name}:{ckpt.epoch}" or sidecar.stem != epoch_stem(ckpt.epoch):
-        return f"{sidecar} names checkpoint {ckpt.id}, which is not where it is stored"
-    return (_hash_problem(ckpt.weights_path, ckpt.sidecar.get("weights"), "weights")
-            or _hash_problem(ckpt.state_path, ckpt.sidecar.get("state"), "state"))
+        report["damaged"].append({"path": str(run / "run.json"), "problem": str(exc)})
+    report["damaged"] += [{"path": str(run / "metrics.jsonl"), "problem": p} for p in scan_metrics(run)[1]]
+    for damage in bad:
+        report["damaged"].append({"path": str(damage.path), "problem": damage.problem})
+        progress.advance()
+    for ckpt in found:
+        problem = (_hash_problem(ckpt.weights_path, ckpt.sidecar["weights"], "weights")
+                   or _hash_problem(ckpt.state_path, ckpt.sidecar.get("state"), "state"))
+        if problem is None:
+            report["ok"].append(ckpt.id)
+        else:
+            report["damaged"].append({"path": str(ckpt.sidecar_path), "problem": problem})
+        progress.advance()
+
+
+def _leftover(path: Path, clean: bool, active: bool) -> dict[str, Any]:
+    """One incomplete file or run folder; ``clean`` removes it unless something may still be writing
+    it: its run is training, or it is a temporary (or a folder) that changed within FRESH_TEMPORARY_S."""
+    inside = [path, *path.iterdir()] if path.is_dir() else [path]
+    fresh = (path.is_dir() or path.name.endswith(TMP_SUFFIX)) and recently_written(*inside)
+    note = "run is training; left alone" if active else "may be a write in progress; left alone" if fresh else ""
+    entry = {"path": str(path), "bytes": sum(p.stat().st_size for p in inside if p.is_file()), "cleaned": False,
+             "note": note}
+    if clean and not note:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        entry["cleaned"] = True
+    return entry
 
 
 def restore(ref: str | Path, *, root: Path | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,15 +72,44 @@ def split_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tenso
 
 
 def join_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`split_state`."""
-    if isinstance(skeleton, dict):
-        if "__tensor__" in skeleton:
-            return tensors[skeleton["__tensor__"]]
-        if "__ndarray__" in skeleton:
-            return tensors[skeleton["__ndarray__"]].numpy()
-        if "__map__" in skeleton:
-            return {join_state(k, tensors): join_state(v, tensors) for k, v in skeleton["__map__"]}
-        return {k: join_state(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [join_state(v, tensors) for v in skeleton]
-    return skeleton
+    """Inverse of :func:`split_state`; a malformed skeleton or a missing tensor is a CorruptError."""
+    def tensor(key: Any, as_array: bool) -> Any:
+        value = tensors[key]
+        return value.numpy() if as_array else value
+
+    return _walk_skeleton(skeleton, tensor)
+
+
+# What :func:`state_outline` puts where a tensor would be.
+TENSOR = "<tensor>"
+
+
+def state_outline(skeleton: Any) -> Any:
+    """The state's JSON part as plain Python (dicts rebuilt), tensors replaced by :data:`TENSOR`.
+
+    What the sidecar validator checks (epoch, best, ...) without reading the state file.
+    """
+    return _walk_skeleton(skeleton, lambda key, as_array: TENSOR)
+
+
+def _walk_skeleton(skeleton: Any, tensor: Callable[[Any, bool], Any]) -> Any:
+    """Rebuild a skeleton, ``tensor(key, as_array)`` standing in for each tensor reference. The skeleton
+    comes from a sidecar on disk, so any shape it may have been damaged into ends as one CorruptError."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensor(node["__tensor__"], False)
+            if "__ndarray__" in node:
+                return tensor(node["__ndarray__"], True)
+            if "__map__" in node:
+                return {walk(k): walk(v) for k, v in node["__map__"]}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    try:
+        return walk(skeleton)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        raise CorruptError("the training state is malformed or names a tensor its file lacks "
+                           "(damaged or modified)") from None

@@ -46,6 +46,17 @@ def check_distributed(config: TrainConfig, dist: distributed.DistContext) -> Non
         raise BadInputError("sync_bn needs CUDA: SyncBatchNorm does not run on the CPU")
 
 
+def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
+    """A run stopped by an error or Ctrl-C says so in run.json instead of staying "running"; it can
+    still be resumed from its last checkpoint. (A SIGKILL leaves "running": resume handles that too.)"""
+    from dermcam.store.runs import update_run
+
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    with contextlib.suppress(Exception):  # never hide the original error behind a second one
+        update_run(run_dir, status=status, error=message)
+
+
 # What a resumed run takes from the command line: where it runs. Everything else is the run's own.
 RESUME_OPTIONS = ("device",)
 
@@ -68,12 +79,12 @@ class Trainer:
 
     def _open_run(self) -> None:
         """Find the run to resume; a new run's folder is only created once its model is built."""
-        from dermcam.store.runs import find_run, latest_run, read_run, resume_point
+        from dermcam.store.runs import find_run, read_run, resumable_run, resume_point
 
         if self.resume:
             picked = ""
             if self.dist.is_main:  # rank 0 decides which run "latest" is; the others follow it
-                picked = (find_run(self.run_ref, self.root) if self.run_ref else latest_run(self.root)).name
+                picked = resumable_run(self.run_ref, self.root).name  # never an imported run
             self.run_dir = find_run(self.dist.broadcast_str(picked), self.root)
             info = read_run(self.run_dir)
             self.config = TrainConfig.from_dict(info["config"])
@@ -106,6 +117,8 @@ class Trainer:
         check_distributed(cfg, self.dist)
         self.device = self.dist.device if self.dist.enabled else select_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        # Validation scores images as evaluate and explain do (fp32 unless bf16/fp16 was asked for).
+        self.scoring_precision = resolve_precision(cfg.precision, self.device, scoring=True)
         seed_everything(cfg.seed)
         if self.resume_ckpt is None:
             self.model, self.pretrained = create_model(cfg.backbone, len(self.classes), cfg.pretrained,
@@ -116,8 +129,15 @@ class Trainer:
         freeze_stages(self.model, cfg.freeze)
         dc = data_config(self.model)
         height, width = cfg.input_size(default=dc["input_size"][-2:])
-        self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]), "std": list(dc["std"]),
-                              "interpolation": "bilinear", "resize": "whole image (no crop)"}
+        cache = [int(self.data.manifest["cache"]["width"]), int(self.data.manifest["cache"]["height"])]
+        self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]),
+                              "std": list(dc["std"]), "interpolation": "bilinear", "cache_size": cache,
+                              "resize": "photo cropped at the centre to the cache_size aspect ratio (cover), "
+                                        "then the whole of it resized to input_size"}
+        if width > cache[0] or height > cache[1]:
+            self.progress.log(f"Note: --image-size {width}x{height} is larger than the cache of data set "
+                              f"'{self.data.name}' ({cache[0]}x{cache[1]}): the model trains on upsampled pixels. "
+                              f"For full detail, prepare it with --cache-size {width}x{height} or larger.")
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -300,8 +320,7 @@ class Trainer:
 
         part = self.dist.shard(len(self.val_rows))  # each rank predicts its shard, all get every row
         probs = predict(self.eval_model(), self.data.images, self.val_rows[part],
-                        input_size=self.preprocessing["input_size"], mean=self.preprocessing["mean"],
-                        std=self.preprocessing["std"], device=self.device, precision=self.precision,
+                        preprocessing=self.preprocessing, device=self.device, precision=self.scoring_precision,
                         batch_size=max(32, self.config.batch_size), channels_last=self.config.channels_last,
                         progress=self.progress, description="validate")
         probs = self.dist.all_gather_rows(probs.reshape(-1, len(self.classes)), len(self.val_rows))
@@ -382,42 +401,59 @@ class Trainer:
             self.run_dir = created or runs_dir(self.root) / run_id
         self.run_id = self.run_dir.name
         with store_lock(f"run-{self.run_id}", timeout=1.0, root=self.root) if main else contextlib.nullcontext():
-            self._restore()
-            resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
-            if resumed_from:
-                self.epoch += 1
-                self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
-            if main:
-                update_run(self.run_dir, status="running")
-            while self.epoch < self.config.epochs and not self.stopped:
-                t0 = time.monotonic()
-                train_loss = self.train_one_epoch()
-                metrics = self.validate()
-                self._update_best(self.dist.broadcast_float(self._monitor_value(metrics)))
-                self._record_epoch(metrics, train_loss, time.monotonic() - t0)
+            try:
+                result = self._run_epochs()
+            except BaseException as exc:
                 if main:
-                    self._save(metrics, train_loss)
-                self.progress.log(
-                    f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
-                    f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
-                    + (f"  mel recall {metrics['recall_mel']:.3f}" if "recall_mel" in metrics else ""))
-                self.epoch += 1
-            result = self._finish(resumed_from)
+                    _mark_stopped(self.run_dir, exc)
+                raise
         result.seconds = time.monotonic() - started
         if main:
             update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
                        stopped_early=result.stopped_early)
         return result
 
+    def _run_epochs(self) -> TrainResult:
+        """Restore (on resume), train and validate until the last epoch or early stop, then finish."""
+        from dermcam.store.runs import update_run
+
+        self._restore()
+        resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
+        if resumed_from:
+            self.epoch += 1
+            self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
+        if self.dist.is_main:
+            update_run(self.run_dir, status="running", error=None)
+        while self.epoch < self.config.epochs and not self.stopped:
+            t0 = time.monotonic()
+            train_loss = self.train_one_epoch()
+            metrics = self.validate()
+            self._update_best(self.dist.broadcast_float(self._monitor_value(metrics)))
+            self._record_epoch(metrics, train_loss, time.monotonic() - t0)
+            if self.dist.is_main:
+                self._save(metrics, train_loss)
+            self.progress.log(
+                f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
+                f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
+                + (f"  mel recall {metrics['recall_mel']:.3f}" if "recall_mel" in metrics else ""))
+            self.epoch += 1
+        return self._finish(resumed_from)
+
     def _finish(self, resumed_from: str | None) -> TrainResult:
         """Evaluate the run's best checkpoint on the test split and write the report."""
         from dermcam.evaluate.evaluation import evaluate
         from dermcam.evaluate.report import plot_curves
+        from dermcam.store.runs import best_remaining
 
         report_dir = self.run_dir / "report"
         test_metrics, files = None, []
-        if self.best is not None and self.dist.is_main:
-            result = evaluate(self.best["id"], split="test", device=self.config.device,
+        best = best_remaining(self.run_dir, self.best["id"]) if self.best is not None and self.dist.is_main else None
+        if best is not None and best.id != self.best["id"]:  # a prune or rollback removed the recorded best
+            self.progress.log(f"Best checkpoint {self.best['id']} no longer exists (pruned or rolled back); "
+                              f"evaluating {best.id}, the best one left in run {self.run_id}")
+            self.best = {"epoch": best.epoch, "value": best.monitor_value, "id": best.id}
+        if best is not None:
+            result = evaluate(best.id, split="test", device=self.config.device,
                               precision=self.config.precision, out_dir=report_dir, root=self.root,
                               progress=self.progress)
             test_metrics, files = result.metrics, list(result.files)

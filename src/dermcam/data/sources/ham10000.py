@@ -23,6 +23,13 @@ METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "loc
 REQUIRED_COLUMNS = ("image_id", "dx")
 
 
+OPTIONAL_COLUMNS = tuple(c for c in METADATA_COLUMNS if c not in REQUIRED_COLUMNS)
+
+
+# Cell values that mean "no value" in optional columns, compared stripped and lower-cased.
+MISSING_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null"})
+
+
 IMAGE_FOLDERS = ("ham10000_images_part_1", "ham10000_images_part_2", "images")  # matched case-insensitively
 
 
@@ -31,7 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 def find_metadata_csv(src: Path) -> Path:
     """``HAM10000_metadata.csv`` (any case) in ``src``, else the folder's only CSV, else BadInputError."""
-    csvs = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+    csvs = [p for p in _entries(src) if p.suffix.lower() == ".csv" and _is_file(p)]
     for path in csvs:
         if path.name.lower() == "ham10000_metadata.csv":
             return path
@@ -52,10 +59,19 @@ def read_metadata(data: bytes, label: str) -> tuple[pd.DataFrame, list[Problem]]
     except UnicodeDecodeError:
         text = data.decode("latin-1")
     try:
-        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BadInputError(f"{label} is not a valid CSV file: {str(exc).strip().splitlines()[0]}") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
+        # header=None: the header is checked here (pandas would silently rename a repeated column to
+        # "dx.1", and would take the first column as an index when rows have one field too many).
+        cells = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True,
+                            header=None)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise BadInputError(f"{label} is not a valid CSV file: {_first_line(exc)}") from None
+    header = [str(c).strip().lower() for c in cells.iloc[0]]
+    table = cells.iloc[1:].fillna("").reset_index(drop=True)
+    table.columns = header
+    repeated = sorted({c for c in header if header.count(c) > 1 and c})
+    if repeated:
+        raise BadInputError(f"{label} has the column {', '.join(repr(c) for c in repeated)} more than once "
+                            "(column names are compared ignoring case and spaces)")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise BadInputError(f"{label} lacks the column(s) {', '.join(missing)}; a HAM10000 metadata CSV has "
@@ -69,23 +85,67 @@ def read_metadata(data: bytes, label: str) -> tuple[pd.DataFrame, list[Problem]]
             effect = "each image is its own lesion" if column == "lesion_id" else "filled with empty values"
             problems.append(Problem(label, "", "missing_column", f"column '{column}' absent: {effect}"))
     table = table[list(METADATA_COLUMNS)].apply(lambda col: col.str.strip())
+    for column in OPTIONAL_COLUMNS:
+        table[column] = blank_missing(table[column])
     table["dx"] = table["dx"].str.lower()
     table["line"] = np.arange(len(table)) + 2  # line number in the CSV, for messages
     return table, problems
 
 
-def find_images(src: Path) -> dict[str, list[str]]:
-    """Image files in the known image folders: image_id (file stem) -> paths relative to ``src``."""
-    folders = sorted(p for p in src.iterdir() if p.is_dir() and p.name.lower() in IMAGE_FOLDERS)
+def blank_missing(column: pd.Series) -> pd.Series:
+    """``column`` with every spelling of "no value" (NaN, NA, N/A, None, null, any case) made empty.
+
+    Exported spreadsheets write missing cells in all these ways; taken literally, every row whose
+    lesion_id says "NaN" would be one giant lesion, forced into a single split.
+    """
+    return column.where(~column.str.strip().str.lower().isin(MISSING_VALUES), "")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a parser message (or the exception's name): errors stay one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def find_images(src: Path) -> tuple[dict[str, list[str]], list[Problem]]:
+    """Image files in the known image folders: image_id (file stem) -> paths relative to ``src``.
+
+    An entry with an image suffix that is not a readable regular file (a broken link, a link loop, a
+    folder named ``x.jpg``) is reported and left out; a CSV row naming it is then a missing_image.
+    """
+    folders = [p for p in _entries(src) if p.name.lower() in IMAGE_FOLDERS and p.is_dir()]
     if not folders:
         raise BadInputError(f"{src} has no image folder: expected HAM10000_images_part_1/, "
                             "HAM10000_images_part_2/ or images/")
     files: dict[str, list[str]] = {}
+    problems: list[Problem] = []
     for folder in folders:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                files.setdefault(path.stem, []).append(path.relative_to(src).as_posix())
-    return files
+        for path in _entries(folder):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+                continue
+            relative = path.relative_to(src).as_posix()
+            if _is_file(path):
+                files.setdefault(path.stem, []).append(relative)
+            else:
+                problems.append(Problem(relative, path.stem, "unreadable",
+                                        "not a regular file (a folder, a broken link or a link loop)"))
+    return files, problems
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The folder's entries, sorted, or a one-line BadInputError (unreadable, a symlink loop...)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise BadInputError(f"cannot list {folder}: {exc.strerror or _first_line(exc)}") from None
+
+
+def _is_file(path: Path) -> bool:
+    """A regular file (after symlinks) that can be stat'ed; anything else is not taken as input."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def clean_rows(table: pd.DataFrame, label: str, classes: list[str]) -> tuple[pd.DataFrame, list[Problem], int]:

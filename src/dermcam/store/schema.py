@@ -1,0 +1,186 @@
+"""One small validator for every JSON document the store reads back, and the vocabulary they share.
+
+Sidecars, ``run.json``, ``metrics.jsonl`` lines and export metadata are read from disk (or from a file
+that came from another machine), so they are checked when read, not trusted because dermcam wrote
+them once: a damaged document must become one ``CorruptError`` line naming the bad field, never a
+``KeyError`` or ``TypeError`` three calls later, and never a NaN that flows into a prediction.
+
+A schema is a *check*: a function ``(value, field) -> None`` that raises :class:`Invalid`. The
+builders below (:func:`obj`, :func:`array`, :func:`integer`, ...) compose checks; each document's
+schema lives next to the code that owns the document (``checkpoint.SIDECAR``, ``runs.RUN``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dermcam.errors import CorruptError
+from dermcam.store.paths import PLAIN_NAME
+
+Check = Callable[[Any, str], None]
+
+
+class Invalid(Exception):
+    """A value that breaks its schema: the dotted field and why."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"field '{field}' {why}" if field else why)
+
+
+def validate(value: Any, check: Check, where: str) -> None:
+    """Run ``check`` on a whole document; a violation becomes one CorruptError line (exit code 4)."""
+    try:
+        check(value, "")
+    except Invalid as exc:
+        raise CorruptError(f"{where} {exc} (damaged or modified)") from None
+
+
+def _child(field: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{field}[{key}]"
+    return f"{field}.{key}" if field else key
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- builders --------------------------------------------------------------------------------------
+
+
+def anything(value: Any, field: str) -> None:
+    """Any JSON value (the field is informational only)."""
+
+
+def satisfies(predicate: Callable[[Any], bool], why: str) -> Check:
+    def check(value: Any, field: str) -> None:
+        if not predicate(value):
+            raise Invalid(field, why)
+
+    return check
+
+
+def integer(lo: int = 0, hi: int = 2**53) -> Check:
+    """An int (not a bool) in ``[lo, hi]``; JSON floats such as 3.0 are refused."""
+    return satisfies(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+                     f"is not a whole number from {lo} to {hi}")
+
+
+def number(*, above: float | None = None, finite: bool = True) -> Check:
+    """A number; by default finite (JSON allows NaN and Infinity through Python's parser)."""
+    def ok(v: Any) -> bool:
+        return (_is_number(v) and (not finite or math.isfinite(v))
+                and (above is None or v > above))
+
+    why = "is not a finite number" if finite else "is not a number"
+    return satisfies(ok, why + (f" above {above:g}" if above is not None else ""))
+
+
+def text(pattern: re.Pattern[str] | None = None, *, min_len: int = 0, max_len: int = 10_000,
+         why: str | None = None) -> Check:
+    return satisfies(lambda v: isinstance(v, str) and min_len <= len(v) <= max_len
+                     and (pattern is None or pattern.fullmatch(v) is not None),
+                     why or f"is not a string of {min_len} to {max_len} characters")
+
+
+def one_of(*values: Any) -> Check:
+    return satisfies(lambda v: any(v == x and type(v) is type(x) for x in values),
+                     f"is not one of {', '.join(map(repr, values))}")
+
+
+boolean: Check = satisfies(lambda v: isinstance(v, bool), "is not true or false")
+
+
+def nullable(check: Check) -> Check:
+    def inner(value: Any, field: str) -> None:
+        if value is not None:
+            check(value, field)
+
+    return inner
+
+
+def array(item: Check, *, min_len: int = 0, max_len: int = 100_000, unique: bool = False) -> Check:
+    def check(value: Any, field: str) -> None:
+        if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+            raise Invalid(field, f"is not a list of {min_len} to {max_len} items")
+        for i, entry in enumerate(value):
+            item(entry, _child(field, i))
+        if unique and len(set(value)) != len(value):
+            raise Invalid(field, "has repeated items")
+
+    return check
+
+
+def fixed(*items: Check) -> Check:
+    """A list of exactly ``len(items)`` entries, each with its own check (``[3, H, W]``)."""
+    def check(value: Any, field: str) -> None:
+        if not isinstance(value, list) or len(value) != len(items):
+            raise Invalid(field, f"is not a list of {len(items)} items")
+        for i, (entry, item) in enumerate(zip(value, items)):
+            item(entry, _child(field, i))
+
+    return check
+
+
+def obj(required: Mapping[str, Check] | None = None, optional: Mapping[str, Check] | None = None) -> Check:
+    """A JSON object with ``required`` keys and, when present, ``optional`` ones; other keys are
+    allowed (newer dermcam versions may add fields), checked in the order given."""
+    def check(value: Any, field: str) -> None:
+        if not isinstance(value, dict):
+            raise Invalid(field, "is not a JSON object")
+        for key, sub in (required or {}).items():
+            if key not in value:
+                raise Invalid(_child(field, key), "is missing")
+            sub(value[key], _child(field, key))
+        for key, sub in (optional or {}).items():
+            if key in value:
+                sub(value[key], _child(field, key))
+
+    return check
+
+
+def decoded(decode: Callable[[Any], Any], check: Check, why: str) -> Check:
+    """``check`` applied to ``decode(value)``; a value that does not decode is invalid (``why``)."""
+    def inner(value: Any, field: str) -> None:
+        try:
+            result = decode(value)
+        except CorruptError:
+            raise Invalid(field, why) from None
+        check(result, field)
+
+    return inner
+
+
+# -- the vocabulary the store's documents share ----------------------------------------------------
+
+NAME = text(PLAIN_NAME, why="is not a plain name (a name, never a path)")
+SHA256 = text(re.compile(r"[0-9a-f]{64}"), why="is not a sha256 (64 hex digits)")
+EPOCH = integer(0, 999_999)
+TIMESTAMP = text(max_len=64)
+ID = text(min_len=1, max_len=200)
+BACKBONE = text(re.compile(r"[A-Za-z0-9_.\-]{1,100}"), why="is not a model name")
+CLASSES = array(text(min_len=1, max_len=100), min_len=2, max_len=1000, unique=True)
+LABEL_ENCODING = satisfies(lambda v: isinstance(v, (dict, list, str, type(None))),
+                           "is not a JSON object, list or string")
+
+_SIDE = integer(8, 4096)
+_TRIPLE = fixed(number(), number(), number())
+
+# What inference needs to see an image the way training saw it; shared by sidecars and exports so a
+# NaN mean or a zero std can enter the store by neither door.
+PREPROCESSING = obj({
+    "input_size": fixed(one_of(3), _SIDE, _SIDE),
+    "mean": _TRIPLE,
+    "std": fixed(number(above=1e-6), number(above=1e-6), number(above=1e-6)),
+}, optional={"interpolation": text(max_len=32), "resize": text(max_len=1000),
+             "cache_size": nullable(fixed(_SIDE, _SIDE))})
+
+MONITOR = obj(optional={"name": text(max_len=100), "mode": one_of("min", "max"), "value": nullable(number())})
+
+DATASET = obj(optional={"name": NAME, "fingerprint": text(max_len=200)})
+
+# A training configuration (checked fully by TrainConfig); here only what names a folder of the store.
+CONFIG = obj(optional={"dataset": nullable(NAME)})
