@@ -231,8 +231,11 @@ def test_write_csv_quotes_every_formula_prefix_but_not_numbers(tmp_path: Path) -
         rows = list(csv.reader(handle))
     assert rows[0][3:5] == ["p_-a", "p_b"]
     assert [r[0] for r in rows[1:]] == ["'-1.jpg", "'\tx.jpg", "'\rx.jpg", "'=x.jpg", "plain.jpg"]
-    assert rows[1][2] == "'-a" and rows[1][5] == "'-a" and rows[1][6] == "'-o.png"
-    assert rows[1][3:5] == ["0.250000", "0.750000"] and rows[1][7:9] == ["0.5", "0.75"]
+    column = {name: i for i, name in enumerate(rows[0])}
+    assert rows[1][column["predicted"]] == "'-a" and rows[1][column["target"]] == "'-a"
+    assert rows[1][column["overlay"]] == "'-o.png"
+    assert rows[1][3:5] == ["0.250000", "0.750000"]
+    assert [rows[1][column["deletion_auc"]], rows[1][column["insertion_auc"]]] == ["0.5", "0.75"]
     assert rows[5][-1] == "'=cmd|' /C calc'!A0"
 
 

@@ -44,7 +44,7 @@ def test_show_renders_splits_audit_and_problems(runner, ham_src: Path) -> None:
     path = prepared(ham_src, "alpha")
     result = runner.invoke(app, ["data", "show", "alpha"])
     assert result.exit_code == 0
-    for text in ("alpha", "Splits (grouped by lesion)", "train/val 0", "No problems found", str(ham_src.resolve())):
+    for text in ("alpha", "Splits (grouped: no lesion or patient on two sides)", "train/val 0", "No problems found", str(ham_src.resolve())):
         assert text in result.stdout
     shown = json.loads(runner.invoke(app, ["data", "show", "alpha", "--json"]).stdout)
     assert shown == {**json.loads((path / "manifest.json").read_text()), "path": str(path)}

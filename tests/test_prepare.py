@@ -24,9 +24,9 @@ pytest_plugins = ["fixtures_ham"]  # ham_src, synthetic_master
 SMALL_CACHE = ["--cache-size", "32x24"]
 MANIFEST_KEYS = ["schema", "name", "source", "created", "dermcam_version", "classes", "label_encoding",
                  "fingerprint", "cache", "seed", "fractions", "max_per_class", "counts", "lesions", "leakage",
-                 "problems"]
+                 "problems", "layout", "layout_detail", "external", "grouping", "classes_from", "other_classes"]
 INDEX_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "dx_type", "age", "sex", "localization",
-                 "source", "sha256"]
+                 "source", "sha256", "patient_id", "dataset", "group"]
 
 
 def run_json(runner, *args: str, code: int = 0) -> dict:
@@ -74,7 +74,7 @@ def test_prepare_writes_the_documented_format(runner, ham_src: Path, dermcam_hom
 def test_summary_on_screen(runner, ham_src: Path) -> None:
     result = runner.invoke(app, ["prepare", str(ham_src), *SMALL_CACHE, "--name", "demo"])
     assert result.exit_code == 0, result.output
-    for text in ("Prepared data set demo", "Splits (grouped by lesion)", "bkl (0)", "mel (1)", "nv (2)",
+    for text in ("Prepared data set demo", "Splits (grouped: no lesion or patient on two sides)", "bkl (0)", "mel (1)", "nv (2)",
                  "train/val 0, train/test 0, val/test 0", "No problems found", "images.npy"):
         assert text in result.stdout
 

@@ -43,4 +43,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def show_result(result: Any, json_output: bool, render: Callable[[Any], None]) -> None:
+    """A library result's warnings on stderr, then ``result.to_dict()`` as JSON or ``render(result)``."""
+    for warning in getattr(result, "warnings", []):
+        err_console.print(f"[yellow]Warning:[/] {escape(warning)}")
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        render(result)
+
+
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
+
+NO_CALIBRATION_OPTION = typer.Option(False, "--no-calibration",
+                                     help="Show the model's raw softmax probabilities and argmax decisions, "
+                                          "ignoring the checkpoint's calibration and operating point.")

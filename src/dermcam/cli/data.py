@@ -13,7 +13,7 @@ from rich.table import Table
 
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, console, handle_errors, print_json
-from dermcam.data.classes import CLASS_CODES, DEFAULT_CLASSES
+from dermcam.data.classes import DEFAULT_CLASSES
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE
 from dermcam.data.split import DEFAULT_FRACTIONS
 from dermcam.errors import BadInputError, ExitCode
@@ -37,17 +37,55 @@ def _parse_fractions(text: str) -> list[float]:
         raise BadInputError(f"--fractions '{text}' must be three numbers like 0.7,0.15,0.15") from None
 
 
+def _source_lines(manifest: dict) -> list[str]:
+    """What the manifest says about the source (layout, classes, grouping, external); [] for older sets."""
+    if "layout" not in manifest:
+        return []
+    how = {"option": "--classes", "default": f"default {','.join(DEFAULT_CLASSES)}: the source has all three",
+           "found": "every class the source has"}.get(manifest.get("classes_from", ""), "")
+    lines = [f"Layout: {manifest['layout']}, {manifest.get('layout_detail', '')}",
+             f"Classes: {', '.join(manifest['classes'])} ({how})"]
+    other = manifest.get("other_classes") or {}
+    if other:
+        lines.append("Other classes left out (images): " + ", ".join(f"{c} {n}" for c, n in other.items()))
+    grouping = manifest.get("grouping") or {}
+    lines.append("Grouped by (no group on two sides of a split; index.csv column group): "
+                 + ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in grouping.items() if n))
+    if manifest.get("external"):
+        lines.append("External set: every image is in the test split; evaluation only, never trained on.")
+    return lines
+
+
+def _print_source(manifest: dict) -> None:
+    for line in _source_lines(manifest):
+        console.print(line, highlight=False, markup=False)
+
+
 @handle_errors
 def prepare_command(
-    src: Path = typer.Argument(..., help="HAM10000 folder: HAM10000_metadata.csv plus "
-                               "HAM10000_images_part_1/ and _2/ (or images/)."),
+    src: Path = typer.Argument(..., help="Source: a HAM10000 or ISIC folder, one folder per class, a folder "
+                               "with one CSV of image paths and labels, or that CSV file (see docs/data.md)."),
     name: Optional[str] = typer.Option(None, "--name", help="Data set name (default: the source folder's name)."),
-    classes: str = typer.Option(",".join(DEFAULT_CLASSES), "--classes",
-                                help=f"Comma-separated codes from {','.join(CLASS_CODES)}; labels are "
-                                     "the codes sorted alphabetically (bkl=0, mel=1, nv=2)."),
+    layout: Optional[str] = typer.Option(None, "--layout",
+                                         help="ham10000 | isic | folders | csv (default: detected)."),
+    classes: Optional[str] = typer.Option(None, "--classes",
+                                          help="Comma-separated class names (default: nv,bkl,mel when the source "
+                                               "has all three, else every class found); labels are the names "
+                                               "sorted alphabetically (bkl=0, mel=1, nv=2)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the split and for --max-per-class."),
-    fractions: str = typer.Option(",".join(map(str, DEFAULT_FRACTIONS)), "--fractions",
-                                  help="train,val,test fractions."),
+    fractions: Optional[str] = typer.Option(None, "--fractions",
+                                            help=f"train,val,test fractions (default: "
+                                                 f"{','.join(map(str, DEFAULT_FRACTIONS))})."),
+    external: bool = typer.Option(False, "--external",
+                                  help="Evaluation-only set: every image in the test split, never trained on."),
+    image_col: Optional[str] = typer.Option(None, "--image-col", help="csv layout: column of image paths "
+                                            "(relative to the CSV's folder)."),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="csv layout: column of class names."),
+    group_col: Optional[str] = typer.Option(None, "--group-col", help="csv layout: column whose images stay on "
+                                            "one side of the split (a lesion id; same as --lesion-col)."),
+    lesion_col: Optional[str] = typer.Option(None, "--lesion-col", help="csv layout: column of lesion ids."),
+    patient_col: Optional[str] = typer.Option(None, "--patient-col", help="csv layout: column of patient ids "
+                                              "(groups images without a lesion id)."),
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1,
                                                 help="Cap images per class, sampling whole lesions "
                                                      "(550 gives the usual balanced subset)."),
@@ -57,21 +95,25 @@ def prepare_command(
                                           help="Decoding threads (default: CPU count, at most 4)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Clean, split (by lesion) and cache a HAM10000 folder as a data set in the store.
+    """Clean, split (by lesion, else patient, else image) and cache a source as a data set in the store.
+
+    The layout (HAM10000, ISIC, one folder per class, a CSV of paths and labels) is detected.
 
     Exit code 5 when some rows or images were skipped (listed in problems.csv).
     """
     from dermcam.data.prepare import prepare
 
     with rich_progress() as progress:
-        report = prepare(src, name=name, classes=_split_list(classes, "--classes"), seed=seed,
-                         fractions=_parse_fractions(fractions), max_per_class=max_per_class,
-                         cache_size=cache_size, workers=workers,
-                         progress=progress)
+        report = prepare(src, name=name, classes=None if classes is None else _split_list(classes, "--classes"),
+                         seed=seed, fractions=None if fractions is None else _parse_fractions(fractions),
+                         max_per_class=max_per_class, cache_size=cache_size, workers=workers,
+                         progress=progress, layout=layout, external=external, image_col=image_col,
+                         label_col=label_col, group_col=group_col, lesion_col=lesion_col, patient_col=patient_col)
     if json_out:
         print_json(report.to_dict())
     else:
         views.prepare_report(report)
+        _print_source(report.manifest)
     if any(p.action == "skipped" for p in report.problems):
         raise typer.Exit(int(ExitCode.PARTIAL))
 
@@ -115,6 +157,7 @@ def show_command(name: str = typer.Argument(..., help="Data set name (see dermca
     console.print(f"[bold]{m['name']}[/] at {dataset.path}", highlight=False)
     console.print(f"Source: {m['source']}  created {m['created']} (dermcam {m['dermcam_version']})", highlight=False)
     console.print(f"Seed {m['seed']}, fractions {m['fractions']}, max per class {m['max_per_class']}", highlight=False)
+    _print_source(m)
     views.dataset_summary(m, dataset.path)
 
 

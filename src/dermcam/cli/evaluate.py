@@ -8,35 +8,45 @@ from typing import Optional
 import typer
 
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, handle_errors, show_result
+from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 
 
 @handle_errors
 def evaluate_command(
     checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, exported file (default: best)."),
     split: str = typer.Option("test", help="train | val | test."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the one it was trained on)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d",
+                                       help="Data set (default: the one it was trained on). Any prepared set works, "
+                                            "e.g. one prepared with --external: classes are matched by name."),
     tta: bool = typer.Option(False, help="Average predictions over the four flips (as explain --tta does)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: no files, print only)."),
+    resamples: int = typer.Option(DEFAULT_RESAMPLES, "--resamples", min=0, max=100_000,
+                                  help="Bootstrap resamples of lesions for the 95% intervals (0: no intervals)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resampling."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (fp32: the same scores as explain, on every machine) | bf16 | fp16 | fp32."),
+    no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
-    """Evaluate a checkpoint on a split: balanced accuracy, macro F1, per-class recall, AUC, confusion matrix."""
+    """Evaluate a checkpoint on a split: balanced accuracy, macro F1, per-class recall and precision, AUC,
+    each with a 95% bootstrap interval over lesions, plus subgroups (sex, age, site, source) when recorded.
+
+    With --data OTHER this is external validation: the model's classes are matched by name, images of
+    other classes are counted and left out.
+
+    Probabilities are calibrated when the checkpoint is (ECE, Brier and NLL before and after are
+    reported); with an operating point its sensitivity and specificity are reported too. --out also
+    writes reliability.png, roc.png and pr.png.
+    """
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
 
     with rich_progress() as progress:
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
-                          out_dir=out, progress=progress)
-    for warning in result.warnings:
-        err_console.print(f"[yellow]Warning:[/] {warning}")
-    if json_output:
-        print_json(result.to_dict())
-        return
-    views.evaluation(result)
-    if result.files:
-        console.print(f"Report: {result.report_dir}")
+                          resamples=resamples, seed=seed, calibrated=not no_calibration, out_dir=out,
+                          progress=progress)
+    show_result(result, json_output, views.evaluation)
 
 
 def register(app: typer.Typer) -> None:

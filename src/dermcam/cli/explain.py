@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, console, err_console, handle_errors, print_json
 from dermcam.errors import ExitCode
 from dermcam.explain.methods import METHODS
 from dermcam.progress import rich_progress
@@ -36,12 +36,16 @@ def explain_command(
     score: bool = typer.Option(False, "--score", help="Measure map faithfulness: deletion / insertion AUC "
                                                       "(about 40 extra forward passes per image)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
+    no_calibration: bool = NO_CALIBRATION_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Classify dermoscopy images and save Grad-CAM overlays showing where the model looked.
 
     Per image, into --out: NAME.cam.png (the overlay, at the photo's own size) and NAME.json
     (checkpoint, method, layer, probabilities).
+
+    Probabilities are calibrated when the checkpoint is; with an operating point each image also
+    shows its decision ("mel: above threshold 0.231"), and the overlay explains the decided class.
 
     Unreadable files are reported and skipped: exit code 5 when some failed, 2 when none could be used.
     """
@@ -50,7 +54,7 @@ def explain_command(
     with rich_progress(enabled=not json_out) as progress:
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
                          target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
-                         progress=progress)
+                         calibrated=not no_calibration, progress=progress)
     if csv_path is not None:
         write_csv(report, csv_path)
     if json_out:

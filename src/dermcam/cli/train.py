@@ -41,6 +41,8 @@ HELP = {  # option help; _h() appends TrainConfig's default
     "precision": "auto (bf16 where the hardware supports it) | bf16 | fp16 | fp32",
     "channels_last": "channels_last memory format, faster convolutions",
     "seed": "Random seed",
+    "operating_point": "After training, calibrate the best checkpoint on val and choose this threshold on "
+                       "its calibrated probabilities: CLASS:sensitivity=T or CLASS:specificity=T",
 }
 
 
@@ -79,6 +81,8 @@ def train_command(
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Under torchrun on CUDA: synchronise BatchNorm "
                                                                     "statistics across processes."),
     seed: list[int] = typer.Option([], "--seed", help=_h("seed", grid=True)),
+    operating_point: Optional[str] = typer.Option(None, "--operating-point", metavar="CLASS:METRIC=T",
+                                                  help=_h("operating_point")),
     config: Optional[Path] = typer.Option(None, "--config",
                                           help="TOML file of configurations: shared keys + [[run]] tables."),
     resume: bool = typer.Option(False, "--resume",
@@ -90,7 +94,8 @@ def train_command(
     """Fine-tune an ImageNet-pretrained backbone on a prepared data set.
 
     Every epoch writes a checkpoint (safetensors + JSON sidecar) to the store; a killed run continues
-    with --resume. Several --backbone/--lr/--image-size/--seed values, or --config FILE, train one run
+    with --resume. At the end the best checkpoint is calibrated on the val split (temperature
+    scaling; see dermcam calibrate) and evaluated on the test split. Several --backbone/--lr/--image-size/--seed values, or --config FILE, train one run
     per configuration and print a comparison table.
     """
     from dermcam.progress import rich_progress
@@ -102,6 +107,7 @@ def train_command(
         "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "balance": balance, "augment": augment,
         "accumulate": accumulate, "ema": ema, "ema_decay": ema_decay, "patience": patience, "monitor": monitor,
         "device": device, "precision": precision, "channels_last": channels_last, "sync_bn": sync_bn,
+        "operating_point": operating_point,
     }
     grid = {"backbone": backbone, "lr": lr, "seed": seed, "image_size": image_size}
     with rich_progress() as progress:

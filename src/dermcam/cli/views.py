@@ -87,10 +87,10 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
 
 def splits_table(manifest: dict[str, Any]) -> Table:
     classes = manifest["classes"]
-    table = Table(title="Splits (grouped by lesion)", title_justify="left")
+    table = Table(title="Splits (grouped: no lesion or patient on two sides)", title_justify="left")
     table.add_column("split")
     table.add_column("images", justify="right")
-    table.add_column("lesions", justify="right")
+    table.add_column("groups", justify="right")
     for code in classes:
         table.add_column(f"{code} ({manifest['label_encoding'][code]})", justify="right")
     for split, counts in manifest["counts"].items():
@@ -152,11 +152,16 @@ def short_path(path: Path) -> str:
 
 def explain_table(report: Any) -> Table:
     """One row per image: predicted class in bold, then every class probability."""
-    table = Table(box=box.SIMPLE_HEAVY, title=f"checkpoint {report.checkpoint['id']}", title_justify="left")
+    from dermcam.evaluate.calibration import describe
+
+    title = f"checkpoint {report.checkpoint['id']}, calibration: {describe(report.calibration)}"
+    table = Table(box=box.SIMPLE_HEAVY, title=title, title_justify="left")
     table.add_column("image", overflow="fold")
     table.add_column("predicted")
     for name in report.classes:
         table.add_column(f"p({name})", justify="right")
+    if report.operating_point:
+        table.add_column("operating point")
     if report.method:
         table.add_column("overlay", overflow="fold")
     show_scores = any(r.faithfulness for r in report.results)
@@ -166,6 +171,8 @@ def explain_table(report: Any) -> Table:
     for row in report.results:
         cells = [short_path(row.image), f"[bold]{row.predicted}[/]"]
         cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
+        if report.operating_point:
+            cells.append(f"{row.operating_point} -> [bold]{row.decision}[/]")
         if report.method:
             cells.append(row.overlay.name if row.overlay else "-")
         if show_scores:
@@ -196,6 +203,10 @@ def train_result(result: Any) -> None:
         console.print(table)
         recalls = "  ".join(f"{k.removeprefix('recall_')} {v:.3f}" for k, v in metrics.items() if k.startswith("recall_"))
         console.print(f"Per-class recall: {recalls}")
+        if metrics.get("calibration"):
+            console.print(calibration_line(metrics["calibration"]), highlight=False)
+        if metrics.get("operating_point"):
+            console.print(operating_point_line(metrics["operating_point"]), highlight=False)
     if result.report_files:
         console.print(f"Report: {result.report_files[0].parent}")
 
@@ -219,19 +230,127 @@ def train_comparison(results: list[Any], best: Any) -> None:
         console.print(f"Best: [bold]{best.best_id}[/] — explain and evaluate use the best checkpoint by default.")
 
 
+def with_ci(value: Any, ci: list[float] | None) -> str:
+    """``0.781 (0.752-0.809)``; just the value when there is no interval."""
+    from dermcam.evaluate.metrics import format_value
+
+    text = format_value(value)
+    return f"{text} [dim]({ci[0]:.3f}-{ci[1]:.3f})[/]" if ci and value is not None else text
+
+
 def evaluation(result: Any) -> None:
-    """``dermcam evaluate``: per-class table, then the headline metrics."""
+    """``dermcam evaluate``: per-class table, headline metrics with intervals, subgroups."""
     from dermcam.evaluate.metrics import format_value
 
     metrics = result.metrics
-    table = Table(title=f"{result.checkpoint_id} on {result.dataset}/{result.split} (n={metrics['n']})")
+    ci = (metrics.get("ci") or {}).get("intervals") or {}
+    table = Table(title=f"{result.title} (n={metrics['n']})", title_justify="left",
+                  caption="(95% bootstrap interval over lesions)" if ci else None, caption_justify="left")
     table.add_column("class")
     for column in ("recall", "precision", "F1", "AUC", "support"):
         table.add_column(column, justify="right")
     for code in result.classes:
-        table.add_row(code, *(format_value(metrics.get(f"{k}_{code}"))
-                              for k in ("recall", "precision", "f1", "auc", "support")))
+        table.add_row(code, with_ci(metrics.get(f"recall_{code}"), ci.get(f"recall_{code}")),
+                      with_ci(metrics.get(f"precision_{code}"), ci.get(f"precision_{code}")),
+                      format_value(metrics.get(f"f1_{code}")),
+                      with_ci(metrics.get(f"auc_{code}"), ci.get(f"auc_{code}")),
+                      format_value(metrics.get(f"support_{code}")))
     console.print(table)
-    console.print(f"balanced accuracy {format_value(metrics['balanced_accuracy'])}   macro F1 "
-                  f"{format_value(metrics['macro_f1'])}   AUC (macro) {format_value(metrics['auc_macro'])}   "
+    console.print(f"balanced accuracy {with_ci(metrics['balanced_accuracy'], ci.get('balanced_accuracy'))}   "
+                  f"macro F1 {with_ci(metrics['macro_f1'], ci.get('macro_f1'))}   "
+                  f"AUC (macro) {with_ci(metrics['auc_macro'], ci.get('auc_macro'))}   "
                   f"accuracy {format_value(metrics['accuracy'])}")
+    if result.scored_classes and len(result.scored_classes) < len(result.classes):
+        console.print(f"Scored on the classes this set has: {', '.join(result.scored_classes)}", highlight=False)
+    if metrics.get("calibration"):
+        console.print(calibration_line(metrics["calibration"]), highlight=False)
+    if metrics.get("operating_point"):
+        point = metrics["operating_point"]
+        console.print(operating_point_line(point), highlight=False)
+        console.print(confusion_table(point["confusion_matrix"], result.classes,
+                                      f"Decisions at the operating point ({point['class']} >= {point['threshold']:.3f})"))
+    if result.subgroups:
+        console.print(subgroup_table(result.subgroups, result.classes))
+    if result.files:
+        console.print(f"Report: {result.report_dir}", highlight=False)
+
+
+def calibration_line(report: dict[str, Any]) -> str:
+    """``Calibration (temperature 1.83): ECE 0.210 -> 0.041  Brier ...  NLL ...`` (raw -> reported)."""
+    from dermcam.evaluate.calibration import describe
+
+    raw = report["raw"]
+    if not report["applied"]:
+        return (f"Calibration: none applied (raw probabilities): ECE {raw['ece']:.3f}  Brier {raw['brier']:.3f}  "
+                f"NLL {raw['nll']:.3f}")
+    return (f"Calibration: {describe(report)}; raw -> calibrated: ECE {raw['ece']:.3f} -> {report['ece']:.3f}  "
+            f"Brier {raw['brier']:.3f} -> {report['brier']:.3f}  NLL {raw['nll']:.3f} -> {report['nll']:.3f}")
+
+
+def operating_point_line(point: dict[str, Any]) -> str:
+    """``Operating point mel:sensitivity=0.9 (threshold 0.231): sensitivity 0.88 (0.80-0.95) ...``."""
+    intervals = (point.get("ci") or {}).get("intervals") or {}
+    target = f"{point['class']}:{point['metric']}={point['target']:g}"
+    return (f"Operating point {target} (threshold {point['threshold']:.3f}, chosen on val): "
+            f"sensitivity {with_ci(point['sensitivity'], intervals.get('sensitivity'))}  "
+            f"specificity {with_ci(point['specificity'], intervals.get('specificity'))}  "
+            f"({point['positives']} {point['class']} of {point['n']})")
+
+
+def confusion_table(matrix: list[list[int]], classes: list[str], title: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE)
+    table.add_column("true \\ decided")
+    for name in classes:
+        table.add_column(name, justify="right")
+    for name, row in zip(classes, matrix):
+        table.add_row(name, *(str(v) for v in row))
+    return table
+
+
+def calibration_result(result: Any) -> None:
+    """``dermcam calibrate``: what was fitted, before and after on the val split, the operating point."""
+    from dermcam.evaluate.calibration import describe
+
+    cal = result.calibration
+    fitted = cal["fitted_on"]
+    console.print(f"Calibrated [bold]{result.checkpoint_id}[/] on {fitted['dataset']}/{fitted['split']} "
+                  f"({fitted['n']} images, {fitted['lesions']} lesions): [bold]{describe(cal)}[/]", highlight=False)
+    table = Table(box=box.SIMPLE, title="On the val split", title_justify="left")
+    for column in ("", "ECE (15 bins)", "Brier", "NLL"):
+        table.add_column(column, justify="right" if column else "left")
+    for name in ("before", "after"):
+        table.add_row(name, *(f"{cal[name][k]:.4f}" for k in ("ece", "brier", "nll")))
+    console.print(table)
+    check = cal.get("vector_check") or {}
+    if "temperature_nll" in check:
+        console.print("Vector scaling, held-out NLL on each half of the val lesions: "
+                      + ", ".join(f"{v:.4f} vs temperature {t:.4f}" for v, t in
+                                  zip(check["vector_nll"], check["temperature_nll"]))
+                      + (" -> kept" if check["kept"] else " -> not kept (temperature only)"), highlight=False)
+    elif check.get("note"):
+        console.print(f"Vector scaling not tried: {check['note']}", highlight=False)
+    point = result.operating_point
+    if point:
+        val = point["validation"]
+        console.print(f"Operating point {point['class']}:{point['metric']}={point['target']:g}: threshold "
+                      f"[bold]{point['threshold']:.4f}[/] on p({point['class']}); on val sensitivity "
+                      f"{val['sensitivity']:.3f}, specificity {val['specificity']:.3f} ({val['positives']} "
+                      f"{point['class']} of {val['n']})", highlight=False)
+    for note in result.notes:
+        console.print(note, highlight=False)
+
+
+def subgroup_table(subgroups: list[dict[str, Any]], classes: list[str]) -> Table:
+    """One row per subgroup; a subgroup with too few images shows why instead of numbers."""
+    table = Table(title="Subgroups", title_justify="left", box=box.SIMPLE)
+    for column in ("group", "n", "bal. acc", "macro F1", "AUC", *(f"{c} recall" for c in classes)):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for entry in subgroups:
+        name = f"{entry['title']}: {entry['value']}"
+        if "metrics" not in entry:
+            table.add_row(name, str(entry["n"]), f"[dim]{entry.get('note', '')}[/]")
+            continue
+        m, ci = entry["metrics"], entry.get("ci") or {}
+        table.add_row(name, str(entry["n"]), *(with_ci(m.get(k), ci.get(k)) for k in (
+            "balanced_accuracy", "macro_f1", "auc_macro", *(f"recall_{c}" for c in classes))))
+    return table

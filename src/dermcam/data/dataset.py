@@ -3,8 +3,10 @@
 The on-disk format is a contract between ``prepare`` and everything that reads a set::
 
     <store root>/datasets/<name>/
-        manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint
-        index.csv       one row per image; row i describes images[i]
+        manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint,
+                        layout, external, grouping (older sets lack the last three: not external)
+        index.csv       one row per image; row i describes images[i] (older sets lack patient_id, dataset
+                        and group: they are filled in when read, group from lesion_id or the image)
         images.npy      uint8 N x H x W x 3, loaded with np.load(mmap_mode="r")
         problems.csv    every problem found in the source and what was done about it
 """
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermcam.data.split import SPLITS
+from dermcam.data.split import SPLITS, group_keys
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
 from dermcam.store.files import read_json
 from dermcam.store.locks import store_lock
@@ -41,6 +43,11 @@ class PreparedDataset:
     @property
     def fingerprint(self) -> str:
         return str(self.manifest["fingerprint"])
+
+    @property
+    def external(self) -> bool:
+        """Prepared with ``--external``: every image in test, for evaluation only, never trained on."""
+        return self.manifest.get("external") is True
 
     def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         """Row indices into ``images`` and their integer labels for ``train``, ``val`` or ``test``."""
@@ -88,6 +95,11 @@ def _open(path: Path) -> PreparedDataset:
         manifest = read_json(path / "manifest.json")
         index = pd.read_csv(path / "index.csv", dtype=str, keep_default_na=False)
         index["label"] = index["label"].astype(np.int64)
+        for column in ("patient_id", "dataset"):  # sets prepared before these columns existed
+            if column not in index.columns:
+                index[column] = ""
+        if "group" not in index.columns:
+            index["group"] = group_keys(index)
         images = np.load(path / manifest["cache"]["file"], mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptError(f"data set at {path} is damaged ({exc}); prepare it again") from None

@@ -1,13 +1,16 @@
-"""Prepared data sets: a HAM10000 folder in, a clean, split, pre-decoded data set out.
+"""Prepared data sets: a source folder in, a clean, split, pre-decoded data set out.
 
-``prepare`` reads a HAM10000 folder as Kaggle ships it, repairs or skips every bad row and image
-(and reports each one), splits train/val/test by lesion so no lesion sits on two sides, and decodes
-every image once into a single uint8 array that training memory-maps. The on-disk format is a
-contract with the training code (see docs/data.md)::
+``prepare`` reads a source in any known layout (HAM10000 as Kaggle ships it, ISIC challenge CSVs,
+one folder per class, a CSV of paths and labels: :mod:`dermcam.data.sources`), repairs or skips
+every bad row and image (and reports each one), splits train/val/test by lesion (else patient, else
+image) so no group sits on two sides, and decodes every image once into a single uint8 array that
+training memory-maps. An ``external`` set (evaluation only) puts every image in test. The on-disk
+format is a contract with the training code (see docs/data.md)::
 
     <store root>/datasets/<name>/
-        manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint
-        index.csv       one row per image; row i describes images[i]
+        manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint,
+                        layout, external, grouping
+        index.csv       one row per image; row i describes images[i] (with its split and group)
         images.npy      uint8 N x H x W x 3, loaded with np.load(mmap_mode="r")
         problems.csv    every problem found in the source and what was done about it
 
@@ -37,12 +40,21 @@ import pandas as pd
 
 from dermcam import __version__
 from dermcam.data.cache import CACHE_FILE, FORMAT_VERSION, cache_entry, parallel_map, write_cache
-from dermcam.data.classes import DEFAULT_CLASSES, check_classes
+from dermcam.data.classes import check_class_names
+from dermcam.data.clean import clean_rows, match_files
 from dermcam.data.dataset import SCHEMA
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE, parse_size
 from dermcam.data.problems import PROBLEM_COLUMNS, Problem, problem_counts
-from dermcam.data.sources.ham10000 import clean_rows, find_images, find_metadata_csv, match_files, read_metadata
-from dermcam.data.split import DEFAULT_FRACTIONS, SPLITS, cap_per_class, group_keys, leakage_audit, split_by_lesion
+from dermcam.data.sources import read_source
+from dermcam.data.split import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    cap_per_class,
+    group_keys,
+    group_kinds,
+    leakage_audit,
+    split_by_lesion,
+)
 from dermcam.errors import BadInputError, NotFoundError
 from dermcam.progress import Progress
 from dermcam.store.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -50,7 +62,10 @@ from dermcam.store.locks import store_lock
 from dermcam.store.paths import datasets_dir
 
 INDEX_COLUMNS = ("image_id", "lesion_id", "dx", "label", "split", "dx_type", "age", "sex", "localization",
-                 "source", "sha256")
+                 "source", "sha256", "patient_id", "dataset", "group")
+
+
+EXTERNAL_FRACTIONS = (0.0, 0.0, 1.0)  # an external (evaluation-only) set: every image in test
 
 
 @dataclass
@@ -84,15 +99,24 @@ class PrepareReport:
                 "manifest": self.manifest}
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def _check_fractions(fractions: Sequence[float] | None, external: bool) -> tuple[float, float, float]:
+    if external:
+        if fractions is not None:
+            raise BadInputError("--external puts every image in the test split: leave out --fractions")
+        return EXTERNAL_FRACTIONS
+    if fractions is None:
+        return DEFAULT_FRACTIONS
     try:
         values = tuple(float(f) for f in fractions)
     except (TypeError, ValueError):
         values = ()
     if len(values) != 3 or any(not np.isfinite(v) or v < 0 for v in values):
         raise BadInputError("fractions must be three non-negative numbers: train,val,test (e.g. 0.7,0.15,0.15)")
-    if abs(sum(values) - 1.0) > 1e-6 or values[0] <= 0:
-        raise BadInputError(f"fractions {','.join(map(str, values))} must sum to 1 with a non-zero train part")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise BadInputError(f"fractions {','.join(map(str, values))} must sum to 1")
+    if values[0] <= 0:
+        raise BadInputError(f"fractions {','.join(map(str, values))} have no train part: a set only to evaluate "
+                            "on is prepared with --external (every image in test, never trained on)")
     return values  # type: ignore[return-value]
 
 
@@ -105,6 +129,14 @@ def _check_name(name: str) -> str:
         raise BadInputError(f"data set name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
                             "and start with a letter or digit")
     return name
+
+
+def _columns(**given: object) -> dict[str, str]:
+    """The csv layout's column options that were given (strings), or BadInputError."""
+    bad = [k for k, v in given.items() if v is not None and not isinstance(v, str)]
+    if bad:
+        raise BadInputError(f"--{bad[0]}-col must be a column name, not {given[bad[0]]!r}")
+    return {k: v for k, v in given.items() if isinstance(v, str) and v.strip()}
 
 
 def _check_count(value: object, option: str, minimum: int) -> int:
@@ -129,20 +161,24 @@ def _source_folder(src: Path | str) -> Path:
     except (OSError, RuntimeError) as exc:  # Python < 3.13 raises RuntimeError for a symlink loop
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
         raise BadInputError(f"{path.absolute()} cannot be opened as a folder: {reason}") from None
-    if not resolved.is_dir():
-        raise BadInputError(f"{resolved} is not a folder: give the HAM10000 folder holding HAM10000_metadata.csv")
+    if not resolved.is_dir() and not (resolved.is_file() and resolved.suffix.lower() == ".csv"):
+        raise BadInputError(f"{resolved} is not a folder: give the data set's folder (or a CSV file of image "
+                            "paths and labels)")
     return resolved
 
 
 def default_name(src: Path) -> str:
-    """The source folder's name, made safe as a folder name in the store."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(src).resolve().name).strip("-._")[:64] or "dataset"
+    """The source folder's name (a CSV file's folder), made safe as a folder name in the store."""
+    src = Path(src).resolve()
+    folder = src.parent if src.is_file() else src
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip("-._")[:64] or "dataset"
 
 
-def _fingerprint(csv_sha: str, table: pd.DataFrame, problems: list[Problem], options: dict[str, Any]) -> str:
-    """One hash over everything that shapes the output: CSV, used image bytes, options, code version,
-    and the problems found so far (an unlisted image or a broken link changes problems.csv)."""
-    payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "csv": csv_sha, "options": options,
+def _fingerprint(metadata_sha: str, table: pd.DataFrame, problems: list[Problem], options: dict[str, Any]) -> str:
+    """One hash over everything that shapes the output: metadata, used image bytes, options (with the
+    layout and the classes chosen), code version, and the problems found so far (an unlisted image
+    or a broken link changes problems.csv)."""
+    payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "csv": metadata_sha, "options": options,
                "images": sorted(zip(table["source"], table["sha256"])),
                "problems": sorted(sorted(p.row().items()) for p in problems)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -150,7 +186,7 @@ def _fingerprint(csv_sha: str, table: pd.DataFrame, problems: list[Problem], opt
 
 def _summaries(table: pd.DataFrame, classes: list[str]) -> tuple[dict, dict]:
     counts = {s: {c: int(((table["split"] == s) & (table["dx"] == c)).sum()) for c in classes} for s in SPLITS}
-    groups = group_keys(table)
+    groups = table["group"]
     lesions = {s: int(groups[table["split"] == s].nunique()) for s in SPLITS}
     return counts, lesions
 
@@ -175,15 +211,19 @@ def _swap_into_place(build: Path, target: Path, root: Path | None) -> None:
 class _Options:
     """Validated prepare options; ``key()`` is the part that shapes the output (and the fingerprint)."""
 
-    classes: list[str]
+    classes: list[str] | None  # None: nv, bkl, mel when the source has them all, else every class found
     seed: int
     fractions: tuple[float, float, float]
     max_per_class: int | None
     size: tuple[int, int]
+    layout: str | None  # None: detected
+    external: bool
+    columns: dict[str, str]  # the csv layout's column options
 
     def key(self) -> dict[str, Any]:
         return {"classes": self.classes, "seed": self.seed, "fractions": list(self.fractions),
-                "max_per_class": self.max_per_class, "width": self.size[0], "height": self.size[1]}
+                "max_per_class": self.max_per_class, "width": self.size[0], "height": self.size[1],
+                "external": self.external, "columns": self.columns}
 
 
 @dataclass
@@ -192,36 +232,43 @@ class _Scan:
 
     table: pd.DataFrame
     problems: list[Problem]
-    excluded: int
     capped: int
     fingerprint: str
+    root: Path  # the folder source paths are relative to
+    layout: str
+    layout_detail: str
+    classes: list[str]
+    classes_from: str
+    other_classes: dict[str, int]
+
+    @property
+    def excluded(self) -> int:
+        return sum(self.other_classes.values())
 
 
 def _scan(src: Path, options: _Options, workers: int, progress: Progress) -> _Scan:
-    """Read and clean the metadata, match image files, apply the cap, hash, fingerprint."""
-    csv_path = find_metadata_csv(src)
-    try:
-        csv_bytes = csv_path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"cannot read {csv_path}: {exc.strerror or type(exc).__name__}") from None
-    raw, problems = read_metadata(csv_bytes, csv_path.name)
-    files, folder_problems = find_images(src)
-    table, row_problems, excluded = clean_rows(raw, csv_path.name, options.classes)
-    table, file_problems = match_files(table, files, set(raw["image_id"]), src)
-    problems += row_problems + folder_problems + file_problems
+    """Read the source in its layout, clean it, match image files, apply the cap, hash, fingerprint."""
+    source = read_source(src, options.layout, options.columns)
+    rows = clean_rows(source.table, source.label, options.classes, source.lesion_ids)
+    table, file_problems = match_files(rows.table, source.files, source.listed, source.root)
+    problems = source.problems + rows.problems + source.scan_problems + file_problems
     capped = 0
     if options.max_per_class is not None:
         before = len(table)
         table = cap_per_class(table, options.max_per_class, options.seed)
         capped = before - len(table)
-    hashes = parallel_map(_sha256_or_none, [src / s for s in table["source"]], workers, progress, "Hashing images")
+    hashes = parallel_map(_sha256_or_none, [source.root / s for s in table["source"]], workers, progress,
+                          "Hashing images")
     table = table.assign(sha256=hashes)
     unreadable = table["sha256"].isna()
     problems += [Problem(r.source, r.image_id, "unreadable", "cannot read the file")
                  for r in table[unreadable].itertuples()]
     table = table[~unreadable].reset_index(drop=True)
-    fingerprint = _fingerprint(hashlib.sha256(csv_bytes).hexdigest(), table, problems, options.key())
-    return _Scan(table, problems, excluded, capped, fingerprint)
+    key = {**options.key(), "classes": rows.classes, "classes_from": rows.classes_from, "layout": source.layout,
+           "layout_detail": source.detail, "other_classes": rows.other_classes}
+    fingerprint = _fingerprint(source.digest, table, problems, key)
+    return _Scan(table, problems, capped, fingerprint, source.root, source.layout, source.detail, rows.classes,
+                 rows.classes_from, rows.other_classes)
 
 
 def _sha256_or_none(path: Path) -> str | None:
@@ -232,33 +279,37 @@ def _sha256_or_none(path: Path) -> str | None:
         return None
 
 
-def _manifest(name: str, src: Path, options: _Options, scan: _Scan, table: pd.DataFrame,
+def _manifest(name: str, options: _Options, scan: _Scan, table: pd.DataFrame,
               problems: list[Problem]) -> dict[str, Any]:
     """The manifest of the finished set (the format contract, see the module doc)."""
-    counts, lesions = _summaries(table, options.classes)
+    counts, lesions = _summaries(table, scan.classes)
     return {
-        "schema": SCHEMA, "name": name, "source": str(src),
+        "schema": SCHEMA, "name": name, "source": str(scan.root),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dermcam_version": __version__, "classes": options.classes,
-        "label_encoding": {c: i for i, c in enumerate(options.classes)}, "fingerprint": scan.fingerprint,
+        "dermcam_version": __version__, "classes": scan.classes,
+        "label_encoding": {c: i for i, c in enumerate(scan.classes)}, "fingerprint": scan.fingerprint,
         "cache": cache_entry(options.size),
         "seed": options.seed, "fractions": list(options.fractions), "max_per_class": options.max_per_class,
-        "counts": counts, "lesions": lesions, "leakage": leakage_audit(group_keys(table), table["split"]),
+        "counts": counts, "lesions": lesions, "leakage": leakage_audit(table["group"], table["split"]),
         "problems": problem_counts(problems),
+        "layout": scan.layout, "layout_detail": scan.layout_detail, "external": options.external,
+        "grouping": group_kinds(table["group"]), "classes_from": scan.classes_from,
+        "other_classes": scan.other_classes,
     }
 
 
-def _build(build: Path, target: Path, src: Path, options: _Options, scan: _Scan, workers: int,
+def _build(build: Path, target: Path, options: _Options, scan: _Scan, workers: int,
            progress: Progress) -> tuple[dict[str, Any], list[Problem], int, int]:
     """Write the whole set into the ``build`` folder. Returns manifest, problems, reused, decoded."""
-    ok, image_problems, reused = write_cache(build / CACHE_FILE, scan.table, src, target, options.size,
+    ok, image_problems, reused = write_cache(build / CACHE_FILE, scan.table, scan.root, target, options.size,
                                               workers, progress)
     problems = scan.problems + image_problems
     table = scan.table[ok].reset_index(drop=True)
-    _check_usable(table, options.classes)
-    table["split"] = split_by_lesion(group_keys(table), table["dx"], options.fractions, options.seed)
-    table["label"] = table["dx"].map({c: i for i, c in enumerate(options.classes)}).astype(int)
-    manifest = _manifest(target.name, src, options, scan, table, problems)
+    _check_usable(table, scan.classes)
+    table["group"] = group_keys(table)
+    table["split"] = split_by_lesion(table["group"], table["dx"], options.fractions, options.seed)
+    table["label"] = table["dx"].map({c: i for i, c in enumerate(scan.classes)}).astype(int)
+    manifest = _manifest(target.name, options, scan, table, problems)
     atomic_write_bytes(build / "index.csv", _frame_bytes(table[list(INDEX_COLUMNS)]))
     atomic_write_bytes(build / "problems.csv",
                        _frame_bytes(pd.DataFrame([p.row() for p in problems], columns=list(PROBLEM_COLUMNS))))
@@ -266,11 +317,20 @@ def _build(build: Path, target: Path, src: Path, options: _Options, scan: _Scan,
     return manifest, problems, reused, int(ok.sum()) - reused
 
 
-def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFAULT_CLASSES, seed: int = 0,
-            fractions: Sequence[float] = DEFAULT_FRACTIONS, max_per_class: int | None = None,
+def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] | None = None, seed: int = 0,
+            fractions: Sequence[float] | None = None, max_per_class: int | None = None,
             cache_size: tuple[int, int] | str = DEFAULT_CACHE_SIZE, workers: int | None = None,
-            progress: Progress | None = None, root: Path | None = None) -> PrepareReport:
-    """Prepare the HAM10000 folder ``src`` as data set ``name`` in the store (see the module doc).
+            progress: Progress | None = None, root: Path | None = None, layout: str | None = None,
+            external: bool = False, image_col: str | None = None, label_col: str | None = None,
+            group_col: str | None = None, lesion_col: str | None = None,
+            patient_col: str | None = None) -> PrepareReport:
+    """Prepare the source ``src`` (a folder, or a CSV file) as data set ``name`` in the store.
+
+    ``classes`` None: nv, bkl and mel when the source has all three, else every class it has.
+    ``fractions`` None: 0.7, 0.15, 0.15. ``layout`` None: detected (``ham10000``, ``isic``, ``csv``,
+    ``folders``). ``external``: an evaluation-only set, every image in test (no ``fractions``).
+    ``image_col`` ... ``patient_col``: the csv layout's columns (``group_col`` is ``lesion_col``), else
+    recognised by name; giving one selects the csv layout.
 
     Raises BadInputError (an unusable source or option) and NotFoundError (no ``src``); on any error
     the store is left exactly as it was: the set is built in a hidden folder and renamed into place.
@@ -281,8 +341,11 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
     src = _source_folder(src)
     if max_per_class is not None:
         max_per_class = _check_count(max_per_class, "--max-per-class", 1)
-    options = _Options(check_classes(classes), _check_count(seed, "--seed", 0), _check_fractions(fractions),
-                       max_per_class, parse_size(cache_size, "--cache-size"))
+    options = _Options(None if classes is None else check_class_names(classes), _check_count(seed, "--seed", 0),
+                       _check_fractions(fractions, bool(external)), max_per_class,
+                       parse_size(cache_size, "--cache-size"), layout, bool(external),
+                       _columns(image=image_col, label=label_col, group=group_col, lesion=lesion_col,
+                                patient=patient_col))
     name = _check_name(name) if name is not None else default_name(src)
 
     scan = _scan(src, options, workers, progress)
@@ -293,7 +356,7 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] = DEFA
     datasets_dir(root).mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=datasets_dir(root), prefix=f".{name}.", suffix=".build"))
     try:
-        manifest, problems, reused, decoded = _build(build, target, src, options, scan, workers, progress)
+        manifest, problems, reused, decoded = _build(build, target, options, scan, workers, progress)
         _swap_into_place(build, target, root)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

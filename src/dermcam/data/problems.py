@@ -11,14 +11,16 @@ PROBLEM_COLUMNS = ("file", "image_id", "kind", "action", "detail")
 PROBLEM_ACTIONS: dict[str, str] = {
     "missing_column": "fixed",  # optional column absent: filled with empty values
     "missing_image_id": "skipped",
-    "unknown_dx": "skipped",  # dx not one of the seven HAM10000 codes
+    "unknown_dx": "skipped",  # label unknown (ISIC's UNK, "unknown") or not a plain class name
+    "ambiguous_label": "skipped",  # ISIC one-hot row with no class column at 1, or several
     "listed_twice": "fixed",  # identical rows: kept once
     "duplicate_image_id": "skipped",  # rows with one image_id that disagree: label is ambiguous
     "missing_lesion_id": "fixed",  # treated as a lesion of its own
     "missing_image": "skipped",
+    "unsafe_path": "skipped",  # a CSV image path that is absolute or leaves the source folder: never read
     "duplicate_file": "fixed",  # identical copies in two image folders: first one used
     "conflicting_files": "skipped",  # different files with the same image_id
-    "unlisted_image": "skipped",  # an image file no CSV row names
+    "unlisted_image": "skipped",  # an image file no CSV row names (or outside every class folder)
     "unreadable": "skipped",
     "truncated": "skipped",
     "too_large": "skipped",  # header dimensions over the pixel cap: refused before decoding

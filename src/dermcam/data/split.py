@@ -1,4 +1,4 @@
-"""Lesion-grouped train/val/test splits: no lesion (or patient) ever sits on two sides."""
+"""Grouped train/val/test splits: no lesion and no patient ever sits on two sides."""
 
 from __future__ import annotations
 
@@ -14,9 +14,58 @@ SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
+GROUP_KINDS = ("lesion", "patient", "image")
+
+
 def group_keys(table: pd.DataFrame) -> pd.Series:
-    """The grouping key of each row: its lesion_id, or the image itself when lesion_id is empty."""
-    return table["lesion_id"].where(table["lesion_id"] != "", "image:" + table["image_id"])
+    """The grouping key of each row: images that share a lesion id *or* a patient id are one group.
+
+    Grouping is transitive (a patient's lesions, and every image of each, form one group), so neither
+    a lesion nor a patient can sit on two sides of a split. A group with a patient id is keyed
+    ``patient:<smallest patient id>``, else by its lesion id (HAM10000's lesion keys, unchanged),
+    else ``image:<image_id>``. (A table without a ``patient_id`` column, such as an index.csv written
+    before it existed, groups by lesion alone.)
+    """
+    import pandas as pd
+
+    lesions = table["lesion_id"].to_numpy(dtype=object)
+    patients = (table["patient_id"].to_numpy(dtype=object) if "patient_id" in table.columns
+                else np.full(len(table), "", dtype=object))
+    parent = list(range(len(table)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for ids in (lesions, patients):
+        first: dict[str, int] = {}
+        for i, key in enumerate(ids):
+            if key:
+                a, b = root(i), root(first.setdefault(key, i))
+                parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(len(table)):
+        members.setdefault(root(i), []).append(i)
+    keys = [""] * len(table)
+    image_ids = table["image_id"].to_numpy(dtype=object)
+    for rows in members.values():
+        patient = min((patients[i] for i in rows if patients[i]), default="")
+        lesion = min((lesions[i] for i in rows if lesions[i]), default="")
+        key = f"patient:{patient}" if patient else lesion or f"image:{image_ids[rows[0]]}"
+        for i in rows:
+            keys[i] = key
+    return pd.Series(keys, index=table.index, dtype=object)
+
+
+def group_kinds(groups: Sequence[str]) -> dict[str, int]:
+    """How many groups of each kind (lesion, patient, image) ``groups`` has: what the split kept together."""
+    counts = dict.fromkeys(GROUP_KINDS, 0)
+    for group in set(groups):
+        kind = group.split(":", 1)[0] if group.startswith(("patient:", "image:")) else "lesion"
+        counts[kind] += 1
+    return counts
 
 
 def lesion_table(groups: Sequence[str], labels: Sequence[str]) -> pd.DataFrame:

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dermcam.errors import BadInputError
+from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 from dermcam.evaluate.predict import predict
 from dermcam.models.device import resolve_precision
 from dermcam.progress import Progress
@@ -14,6 +17,9 @@ from dermcam.progress import Progress
 
 @dataclass
 class EvalResult:
+    """What ``evaluate`` measured: metrics (with bootstrap intervals under ``metrics["ci"]``),
+    per-subgroup metrics, which images of the set were left out, and the files written."""
+
     checkpoint_id: str
     dataset: str
     split: str
@@ -22,49 +28,155 @@ class EvalResult:
     report_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    trained_on: str | None = None
+    scored_classes: list[str] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)  # images of classes the model does not know
+    subgroups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        trained = f" (trained on {self.trained_on})" if self.trained_on and self.trained_on != self.dataset else ""
+        return f"{self.checkpoint_id}{trained} on {self.dataset}/{self.split}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (what ``dermcam evaluate --json`` prints)."""
-        return {"checkpoint": self.checkpoint_id, "dataset": self.dataset, "split": self.split,
-                "metrics": self.metrics, "files": [str(p) for p in self.files], "warnings": self.warnings}
+        return {"checkpoint": self.checkpoint_id, "trained_on": self.trained_on, "dataset": self.dataset,
+                "split": self.split, "classes": self.classes, "scored_classes": self.scored_classes,
+                "left_out": self.left_out, "metrics": self.metrics, "subgroups": self.subgroups,
+                "files": [str(p) for p in self.files], "warnings": self.warnings}
+
+
+def match_classes(model_classes: list[str], data_classes: list[str],
+                  dataset: str) -> tuple[np.ndarray, list[int]]:
+    """Map the set's labels onto the model's class indices by name (case-insensitive).
+
+    Returns ``mapping`` (set label -> model index, -1 for a class the model does not know) and the
+    model indices that occur in the set; a set sharing no class with the model is an error.
+    """
+    position = {c.lower(): i for i, c in enumerate(model_classes)}
+    mapping = np.array([position.get(c.lower(), -1) for c in data_classes], dtype=np.int64)
+    shared = sorted({int(i) for i in mapping if i >= 0})
+    if not shared:
+        raise BadInputError(f"data set '{dataset}' ({', '.join(data_classes)}) shares no class with the model "
+                            f"({', '.join(model_classes)})")
+    return mapping, shared
+
+
+@dataclass
+class ScoredSplit:
+    """The images of a split that a model can be scored on: cache rows, labels as the model's class
+    indices, their index rows and lesion groups, and what was left out (and why)."""
+
+    data: Any  # dermcam.data.dataset.PreparedDataset
+    rows: np.ndarray
+    y_true: np.ndarray
+    index: Any  # pandas.DataFrame, one row per image in ``rows``
+    groups: np.ndarray
+    shared: list[int]
+    left_out: dict[str, int]
+    warnings: list[str]
+    trained_on: str | None
+
+
+def scored_split(sidecar: dict[str, Any], dataset: str | None, split: str, root: Path | None) -> ScoredSplit:
+    """Open ``split`` of ``dataset`` (default: the set the checkpoint was trained on) for a checkpoint:
+    classes matched by name, images of classes the model does not know counted and left out, and a
+    warning when the training set changed since (its splits may then overlap the training data)."""
+    from dermcam.data.dataset import load_prepared
+    from dermcam.data.split import group_keys
+
+    trained_on = (sidecar.get("dataset") or {}).get("name")
+    data = load_prepared(dataset or trained_on, root)
+    mapping, shared = match_classes(list(sidecar["classes"]), list(data.classes), data.name)
+    warnings = []
+    fingerprint = (sidecar.get("dataset") or {}).get("fingerprint")
+    if data.name == trained_on and fingerprint and fingerprint != data.fingerprint:
+        warnings.append(f"data set '{data.name}' changed since checkpoint {sidecar['id']} was trained "
+                        "(fingerprints differ): its splits may overlap the training data")
+    rows, labels = data.split(split)
+    known = mapping[labels] >= 0
+    left_out = {data.classes[k]: int(n) for k, n in enumerate(np.bincount(labels[~known], minlength=len(data.classes)))
+                if n}
+    if left_out:
+        warnings.append("left out images of classes the model does not know: "
+                        + ", ".join(f"{c} ({n})" for c, n in left_out.items()))
+    rows, y_true = rows[known], mapping[labels[known]]
+    if len(rows) == 0:
+        raise BadInputError(f"split '{split}' of data set '{data.name}' has no image of the model's classes")
+    index = data.index.iloc[rows].reset_index(drop=True)
+    # Resample what the split kept together: the set's recorded group (lesion, else patient, else image).
+    groups = (index["group"] if "group" in index.columns else group_keys(index)).to_numpy()
+    return ScoredSplit(data, rows, y_true, index, groups, shared, left_out, warnings, trained_on)
+
+
+def calibration_report(y_true: np.ndarray, raw: np.ndarray, outputs: Any) -> dict[str, Any]:
+    """``metrics["calibration"]``: ECE, Brier and NLL of the probabilities reported (calibrated when a
+    calibration was applied), the same of the raw ones under ``raw``, and what was applied."""
+    from dermcam.evaluate.calibration import calibration_metrics
+
+    applied = outputs.calibration
+    return {"applied": applied is not None, "method": applied["method"] if applied else None,
+            "temperature": applied["temperature"] if applied else None,
+            **calibration_metrics(y_true, outputs.probs), "raw": calibration_metrics(y_true, raw)}
 
 
 def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str | None = None,
              tta: bool = False, device: str = "auto", precision: str = "auto", batch_size: int = 64,
+             resamples: int = DEFAULT_RESAMPLES, seed: int = 0, calibrated: bool = True,
              out_dir: Path | None = None, root: Path | None = None,
              progress: Progress | None = None) -> EvalResult:
-    """Evaluate a checkpoint on a split of its data set (or of ``dataset``) and write a report."""
-    from dermcam.data.dataset import load_prepared
+    """Evaluate a checkpoint on a split of its data set, or of any prepared ``dataset`` (external
+    validation): classes are matched by name, images of classes the model does not know are left out
+    and counted, every headline metric gets a bootstrap interval over ``resamples`` lesion resamples
+    (0: none), and subgroups get their own metrics. With ``out_dir``: metrics.json,
+    confusion_matrix.png, reliability.png, roc.png, pr.png and predictions.csv.
+
+    Probabilities are calibrated when the checkpoint has a calibration (``calibrated=False``: raw);
+    ``metrics["calibration"]`` compares them with the raw ones. With an operating point,
+    ``metrics["operating_point"]`` scores its decisions (the headline metrics stay argmax).
+    """
+    from dermcam.evaluate.bootstrap import confidence_intervals
     from dermcam.evaluate.metrics import compute_metrics
-    from dermcam.evaluate.report import write_predictions, write_report
+    from dermcam.evaluate.operating import model_outputs, operating_metrics
+    from dermcam.evaluate.report import write_predictions, write_probability_plots, write_report
+    from dermcam.evaluate.subgroups import subgroup_metrics
     from dermcam.models.device import select_device
     from dermcam.store.inference import load_for_inference
 
     if split not in ("train", "val", "test"):
         raise BadInputError(f"--split must be train, val or test, not '{split}'")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 0 <= resamples <= 100_000:
+        raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
     model, sidecar = load_for_inference(ref, root)
-    data = load_prepared(dataset or sidecar.get("dataset", {}).get("name"), root)
-    warnings = []
-    if list(data.classes) != list(sidecar["classes"]):
-        raise BadInputError(f"data set '{data.name}' has classes {data.classes} but checkpoint "
-                            f"{sidecar['id']} was trained on {sidecar['classes']}")
-    trained_on = sidecar.get("dataset", {}).get("fingerprint")
-    if trained_on and trained_on != data.fingerprint:
-        warnings.append(f"data set '{data.name}' changed since checkpoint {sidecar['id']} was trained "
-                        "(fingerprints differ): its splits may overlap the training data")
+    classes = list(sidecar["classes"])
+    scored_set = scored_split(sidecar, dataset, split, root)
+    data, y_true, groups = scored_set.data, scored_set.y_true, scored_set.groups
     dev = select_device(device)
-    prec = resolve_precision(precision, dev, scoring=True)
     model.to(dev)
-    rows, labels = data.split(split)
-    pre = sidecar["preprocessing"]
-    probs = predict(model, data.images, rows, preprocessing=pre, device=dev, precision=prec, batch_size=batch_size,
-                    tta=tta, progress=progress, description=f"evaluate {split}")
-    metrics = compute_metrics(labels, probs, sidecar["classes"])
+    raw = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
+                  precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
+                  progress=progress, description=f"evaluate {split}")
+    outputs = model_outputs(raw, sidecar, calibrated=calibrated)
+    probs = outputs.probs
+    scored = scored_set.shared if len(scored_set.shared) < len(classes) else None
+    metrics = compute_metrics(y_true, probs, classes, scored=scored)
     metrics["tta"] = tta
-    report_dir = out_dir
-    files: list[Path] = []
-    if report_dir is not None:
-        files = write_report(report_dir, metrics, sidecar["classes"], title=f"{sidecar['id']} on {data.name}/{split}")
-        files.append(write_predictions(report_dir / "predictions.csv", data.index.iloc[rows], probs,
-                                       list(sidecar["classes"])))
-    return EvalResult(sidecar["id"], data.name, split, metrics, list(sidecar["classes"]), report_dir, files, warnings)
+    if resamples:
+        metrics["ci"] = confidence_intervals(y_true, probs, groups, classes, scored=scored, resamples=resamples,
+                                             seed=seed).to_dict()
+    metrics["calibration"] = calibration_report(y_true, raw, outputs)
+    if outputs.operating_point is not None:
+        metrics["operating_point"] = operating_metrics(y_true, outputs, groups, resamples=resamples, seed=seed)
+    subgroups = subgroup_metrics(y_true, probs, scored_set.index, groups, classes, scored=scored,
+                                 resamples=resamples, seed=seed)
+    result = EvalResult(sidecar["id"], data.name, split, metrics, classes, out_dir, [], scored_set.warnings,
+                        scored_set.trained_on, [classes[i] for i in scored_set.shared], scored_set.left_out,
+                        subgroups)
+    if out_dir is not None:
+        report = {**metrics, "trained_on": scored_set.trained_on, "dataset": data.name, "split": split,
+                  "left_out": scored_set.left_out, "subgroups": subgroups}
+        result.files = write_report(out_dir, report, classes, title=result.title)
+        result.files += write_probability_plots(out_dir, y_true, raw, outputs, title=result.title)
+        result.files.append(write_predictions(out_dir / "predictions.csv", scored_set.index, probs, classes,
+                                              outputs.decisions if outputs.operating_point else None))
+    return result

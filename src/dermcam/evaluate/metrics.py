@@ -14,11 +14,15 @@ from typing import Any
 import numpy as np
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                    scored: Sequence[int] | None = None) -> dict[str, Any]:
     """All metrics for predictions ``probs`` (N, K) against integer labels ``y_true`` (N,).
 
     Per-class keys use the class code: ``recall_mel``, ``precision_mel``, ``f1_mel``, ``auc_mel``.
     AUC of a class absent from ``y_true`` is undefined and reported as None (never faked).
+    ``scored``: the class indices macro F1 averages over (default: all). An external set that lacks
+    one of the model's classes is scored on the classes it has: a zero F1 for a class nobody could
+    get right would say nothing about the model.
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -36,7 +40,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(_balanced_accuracy(y_true, y_pred, labels)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(scored) if scored is not None else labels,
+                                   average="macro", zero_division=0)),
     }
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)

@@ -82,6 +82,102 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
     return _save(fig, path)
 
 
+def plot_reliability(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray | None, path: Path,
+                     title: str = "") -> Path:
+    """Reliability diagram: accuracy against confidence per bin (15 equal-width bins of the top-label
+    probability), raw and calibrated side by side, ECE in each title; a perfect model lies on the
+    diagonal. Bar width shows where images are (the few images of an empty-looking bin say little)."""
+    from dermcam.evaluate.calibration import BINS, expected_calibration_error, reliability_bins
+
+    plt = _pyplot()
+    panels = [("raw", raw)] + ([("calibrated", calibrated)] if calibrated is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
+    edges = np.linspace(0, 1, BINS + 1)
+    for ax, (name, probs) in zip(axes[0], panels):
+        bins = reliability_bins(y_true, probs)
+        share = bins["count"] / max(bins["count"].sum(), 1)
+        filled = bins["count"] > 0
+        ax.bar(edges[:-1][filled], bins["accuracy"][filled], width=1 / BINS, align="edge", alpha=0.8,
+               color="tab:blue", edgecolor="white", label="accuracy")
+        ax.plot(bins["confidence"][filled], bins["accuracy"][filled], "o", color="tab:blue", markersize=3)
+        ax.bar(edges[:-1], share, width=1 / BINS, align="edge", color="grey", alpha=0.3, label="share of images")
+        ax.plot([0, 1], [0, 1], "--", color="black", linewidth=1, label="perfectly calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-label probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {expected_calibration_error(y_true, probs):.3f}", fontsize=10)
+        ax.legend(loc="upper left", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_class_curves(kind: str, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path,
+                      operating_point: dict[str, Any] | None = None, title: str = "") -> Path:
+    """One-vs-rest ROC (``kind="roc"``) or precision-recall (``"pr"``) curve per class, with the
+    operating point (its threshold on its class's probability) marked on that class's curve.
+    A class without positives or negatives in the set has no curve."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
+    y_true = np.asarray(y_true)
+    for c, name in enumerate(classes):
+        positive = y_true == c
+        if not positive.any() or positive.all():
+            continue
+        scores = probs[:, c]
+        if kind == "roc":
+            x, y, _ = roc_curve(positive, scores)
+            line, = ax.plot(x, y, label=f"{name} (AUC {roc_auc_score(positive, scores):.3f})")
+        else:
+            precision, recall, _ = precision_recall_curve(positive, scores)
+            x, y = recall, precision
+            line, = ax.plot(x, y, label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
+        if operating_point is not None and operating_point["class"] == name:
+            called = scores >= operating_point["threshold"]
+            sensitivity = called[positive].mean()
+            point = ((1 - (~called[~positive]).mean(), sensitivity) if kind == "roc"
+                     else (sensitivity, called[positive].sum() / max(called.sum(), 1)))
+            ax.plot(*point, "o", markersize=8, markerfacecolor="none", markeredgewidth=2, color=line.get_color(),
+                    label=f"operating point {name} >= {operating_point['threshold']:.3f}")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
+        ax.set_xlabel("1 - specificity (false positive rate)")
+        ax.set_ylabel("sensitivity (recall)")
+    else:
+        ax.set_xlabel("recall (sensitivity)")
+        ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=7)
+    ax.set_title(title or ("ROC" if kind == "roc" else "precision-recall"), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_probability_plots(out_dir: Path, y_true: np.ndarray, raw: np.ndarray, outputs: Any,
+                            title: str = "") -> list[Path]:
+    """reliability.png (raw vs calibrated), roc.png and pr.png (operating point marked), and with an
+    operating point confusion_matrix_operating_point.png (its decisions)."""
+    out_dir = Path(out_dir)
+    point, classes = outputs.operating_point, outputs.classes
+    files = [plot_reliability(y_true, raw, outputs.probs if outputs.calibration else None,
+                              out_dir / "reliability.png", title),
+             plot_class_curves("roc", y_true, outputs.probs, classes, out_dir / "roc.png", point, title),
+             plot_class_curves("pr", y_true, outputs.probs, classes, out_dir / "pr.png", point, title)]
+    if point is not None:
+        from sklearn.metrics import confusion_matrix
+
+        matrix = confusion_matrix(y_true, outputs.decisions, labels=list(range(len(classes))))
+        files.append(plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix_operating_point.png",
+                                           f"{title}\noperating point {point['class']} >= {point['threshold']:.3f}"))
+    return files
+
+
 def _save(fig: Any, path: Path) -> Path:
     plt = _pyplot()
     with atomic_path(Path(path)) as tmp:
@@ -102,14 +198,18 @@ def write_report(out_dir: Path, metrics: dict[str, Any], classes: Sequence[str],
     return files
 
 
-def write_predictions(path: Path, index: Any, probs: np.ndarray, classes: Sequence[str]) -> Path:
+def write_predictions(path: Path, index: Any, probs: np.ndarray, classes: Sequence[str],
+                      decisions: np.ndarray | None = None) -> Path:
     """``predictions.csv``: one row per image (image id, lesion id, true and predicted class, one
-    probability column per class), so results can be checked and combined outside dermcam."""
+    probability column per class), so results can be checked and combined outside dermcam.
+    ``decisions`` (an operating point's) add a ``decision`` column beside the argmax ``predicted``."""
     import pandas as pd
 
     frame = pd.DataFrame({"image_id": index["image_id"].to_numpy(), "lesion_id": index["lesion_id"].to_numpy(),
                           "true": index["dx"].to_numpy(),
                           "predicted": [classes[i] for i in np.argmax(probs, axis=1)] if len(probs) else []})
+    if decisions is not None:
+        frame["decision"] = [classes[i] for i in decisions]
     for k, name in enumerate(classes):
         frame[f"p_{name}"] = np.round(probs[:, k].astype(np.float64), 6) if len(probs) else []
     atomic_write_bytes(Path(path), frame.to_csv(index=False, lineterminator="\n").encode())

@@ -54,9 +54,12 @@ class ExplainedImage:
     sidecar: Path
     npy: Path | None = None
     faithfulness: dict[str, float] | None = None
+    decision: str | None = None  # the operating point's rule (the argmax without one)
+    operating_point: str | None = None  # "mel: above threshold 0.231"
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": str(self.image), "status": "ok", "predicted": self.predicted,
+                "decision": self.decision, "operating_point": self.operating_point,
                 "probabilities": self.probabilities, "target": self.target,
                 "overlay": str(self.overlay) if self.overlay else None, "sidecar": str(self.sidecar),
                 "npy": str(self.npy) if self.npy else None, "faithfulness": self.faithfulness}
@@ -84,6 +87,8 @@ class ExplainReport:
     inputs: list[Path] = field(default_factory=list)  # every input image, in the order given
     results: list[ExplainedImage] = field(default_factory=list)
     failures: list[ExplainFailure] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # what was applied: method, temperature (None: raw)
+    operating_point: dict[str, Any] | None = None  # class, metric, target, threshold
 
     @property
     def exit_code(self) -> ExitCode:
@@ -99,7 +104,8 @@ class ExplainReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "classes": self.classes, "method": self.method,
-                "layer": self.layer, "tta": self.tta, "out_dir": str(self.out_dir),
+                "layer": self.layer, "tta": self.tta, "calibration": self.calibration,
+                "operating_point": self.operating_point, "out_dir": str(self.out_dir),
                 "images": [r.to_dict() for r in self.rows()],
                 "ok": len(self.results), "failed": len(self.failures)}
 
@@ -191,8 +197,8 @@ def _load(source: Path, name: Path, preprocessing: dict[str, Any]) -> _Loaded:
 
 
 def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, report: ExplainReport,
-                   sidecar: dict[str, Any], probs: np.ndarray, target: int | None, cam_map: np.ndarray | None,
-                   save_npy: bool, scores: dict[str, float] | None) -> ExplainedImage:
+                   sidecar: dict[str, Any], probs: np.ndarray, decision: int, note: str | None, target: int | None,
+                   cam_map: np.ndarray | None, save_npy: bool, scores: dict[str, float] | None) -> ExplainedImage:
     from dermcam.data.geometry import cache_size, cover_box
     from dermcam.explain.render import render_overlay, save_png
 
@@ -204,7 +210,7 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
     if cam_map is not None and target is not None:
         view = cover_box(image.size, cache_size(sidecar["preprocessing"]))
         overlay = save_png(render_overlay(image, cam_map, label=target_name, probability=float(probs[target]),
-                                          view=view), out_dir / name.with_name(f"{name.name}.cam.png"))
+                                          note=note, view=view), out_dir / name.with_name(f"{name.name}.cam.png"))
         if save_npy:
             npy = out_dir / name.with_name(f"{name.name}.cam.npy")
             with atomic_path(npy) as tmp, open(tmp, "wb") as handle:
@@ -213,49 +219,55 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
     atomic_write_json(meta_path, {
         "schema": SCHEMA, "image": str(source), "image_size": list(image.size),
         "checkpoint": report.checkpoint, "classes": classes, "predicted": predicted,
+        "decision": classes[decision], "operating_point": note, "calibration": report.calibration,
         "probabilities": probabilities, "method": report.method if overlay else None,
         "target_class": target_name, "target_layer": report.layer if overlay else None, "tta": report.tta,
         "input_size": list(sidecar["preprocessing"]["input_size"]),
         "overlay": overlay.name if overlay else None, "npy": npy.name if npy else None,
         "faithfulness": scores, "dermcam_version": __version__,
     })
-    return ExplainedImage(source, predicted, probabilities, target_name, overlay, meta_path, npy, scores)
+    return ExplainedImage(source, predicted, probabilities, target_name, overlay, meta_path, npy, scores,
+                          classes[decision], note)
 
 
 def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: ExplainReport,
                    sidecar: dict[str, Any], target: int | None, cam: bool, save_npy: bool, score: bool,
-                   reshape_transform: Any) -> None:
+                   reshape_transform: Any, calibrated: bool) -> None:
+    """Probabilities first (calibrated, through the one path every command shares), then the maps of
+    each image's decision (or of ``target``): with an operating point the decision may not be the
+    argmax, and the overlay must explain what the model answered."""
     import torch
 
     from dermcam.data.geometry import model_input
+    from dermcam.evaluate.operating import model_outputs
     from dermcam.explain.faithfulness import faithfulness
     from dermcam.explain.methods import compute_cam
     from dermcam.explain.tta import predict
 
     x = torch.stack([model_input(item.pixels, sidecar["preprocessing"]) for item in batch])
-    maps: np.ndarray | list[None]
+    outputs = model_outputs(predict(model, x, tta=report.tta)[1], sidecar, calibrated=calibrated)
+    targets = [int(d) if target is None else target for d in outputs.decisions]
+    maps: np.ndarray | list[None] = [None] * len(batch)
+    scores: list[dict[str, float] | None] = [None] * len(batch)
     if cam:
         assert report.method is not None
-        result = compute_cam(model, x, report.method, target_layer=report.layer, target=target,
-                             tta=report.tta, reshape_transform=reshape_transform)
-        probs, maps, targets = result.probs, result.maps, result.targets
-    else:
-        probs = predict(model, x, tta=report.tta)[1]
-        maps, targets = [None] * len(batch), [target] * len(batch)
-    scores: list[dict[str, float] | None] = [None] * len(batch)
-    if cam and score:
-        measured = faithfulness(model, x, result.maps, result.targets)
-        scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
-                  for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
-    for item, p, m, t, s in zip(batch, probs, maps, targets, scores):
+        maps = compute_cam(model, x, report.method, target_layer=report.layer, target=targets,
+                           tta=report.tta, reshape_transform=reshape_transform).maps
+        if score:
+            measured = faithfulness(model, x, maps, targets)
+            scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
+                      for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
+    for item, p, d, note, m, t, s in zip(batch, outputs.probs, outputs.decisions, outputs.notes(), maps,
+                                         targets, scores):
         report.results.append(_write_outputs(item.photo, item.source, item.name, report.out_dir, report, sidecar,
-                                             p, t, m, save_npy, s))
+                                             p, int(d), note, t if cam else target, m, save_npy, s))
 
 
 def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None,
             out_dir: Path = Path("dermcam-explain"), recursive: bool = False, method: str = "gradcam",
             target: str | int | None = None, layer: str | None = None, tta: bool = False, cam: bool = True,
-            save_npy: bool = False, score: bool = False, progress: Progress | None = None) -> ExplainReport:
+            save_npy: bool = False, score: bool = False, calibrated: bool = True,
+            progress: Progress | None = None) -> ExplainReport:
     """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
     and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
 
@@ -263,6 +275,8 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     best checkpoint in the store). ``target``: class name or index to explain instead of each
     prediction. ``layer``: module name (default: :func:`dermcam.models.find_target_layer`).
     ``score``: add deletion/insertion AUC (costs ~40 extra forwards per image).
+    ``calibrated``: calibrated probabilities and the operating point's decisions when the checkpoint
+    has them (False: the raw softmax and argmax), exactly as ``evaluate`` reports them.
     Bad images become :class:`ExplainFailure` entries; everything else raises.
     """
     from dermcam.explain.cam import resolve_layer
@@ -284,7 +298,9 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     report = ExplainReport(checkpoint=checkpoint_identity(sidecar), classes=classes,
                            method=method if cam else None, layer=layer if cam else None, tta=tta,
                            out_dir=Path(out_dir), failures=failures,
-                           inputs=[f.image for f in failures] + [p for p, _ in images])
+                           inputs=[f.image for f in failures] + [p for p, _ in images],
+                           calibration=_applied(sidecar, calibrated),
+                           operating_point=_operating_point(sidecar, calibrated))
     reshape_transform = reshape_transform_for(model) if cam else None
     progress = progress or Progress()
     progress.start("explain", total=len(images))
@@ -296,11 +312,23 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
             report.failures.append(ExplainFailure(source, str(exc)))
             progress.advance()
         if len(batch) == BATCH_SIZE or (i == len(images) - 1 and batch):
-            _explain_batch(model, batch, report, sidecar, target_index, cam, save_npy, score, reshape_transform)
+            _explain_batch(model, batch, report, sidecar, target_index, cam, save_npy, score, reshape_transform,
+                           calibrated)
             progress.advance(len(batch))
             batch = []
     progress.finish()
     return report
+
+
+def _applied(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any] | None:
+    """The calibration explain applies, as its outputs record it (method and temperature)."""
+    cal = sidecar.get("calibration") if calibrated else None
+    return {"method": cal["method"], "temperature": cal["temperature"]} if cal else None
+
+
+def _operating_point(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any] | None:
+    point = sidecar.get("operating_point") if calibrated else None  # never without a calibration (schema)
+    return {k: point[k] for k in ("class", "metric", "target", "threshold")} if point else None
 
 
 def write_csv(report: ExplainReport, path: Path) -> Path:
@@ -318,15 +346,16 @@ def write_csv(report: ExplainReport, path: Path) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = report.classes
-    writer.writerow(["image", "status", "predicted", *(f"p_{c}" for c in classes), "target", "overlay",
-                     "deletion_auc", "insertion_auc", "error"])
+    writer.writerow(["image", "status", "predicted", *(f"p_{c}" for c in classes), "decision", "operating_point",
+                     "target", "overlay", "deletion_auc", "insertion_auc", "error"])
     for row in report.rows():
         if isinstance(row, ExplainFailure):
-            writer.writerow([text(row.image), "error", "", *([""] * len(classes)), "", "", "", "", text(row.error)])
+            writer.writerow([text(row.image), "error", "", *([""] * len(classes)), "", "", "", "", "", "",
+                             text(row.error)])
             continue
         scores = row.faithfulness or {}
         writer.writerow([text(row.image), "ok", text(row.predicted), *(f"{row.probabilities[c]:.6f}" for c in classes),
-                         text(row.target), text(row.overlay), scores.get("deletion_auc", ""),
-                         scores.get("insertion_auc", ""), ""])
+                         text(row.decision), text(row.operating_point), text(row.target), text(row.overlay),
+                         scores.get("deletion_auc", ""), scores.get("insertion_auc", ""), ""])
     atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
     return Path(path)

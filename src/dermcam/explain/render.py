@@ -59,8 +59,9 @@ def _font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def _draw_legend(canvas: Image.Image, label: str, probability: float, colormap: str) -> None:
-    """Bottom strip, drawn in place: ``label  87.3%`` left, ``low [colour bar] high`` right.
+def _draw_legend(canvas: Image.Image, label: str, probability: float, colormap: str, note: str | None = None) -> None:
+    """Bottom strip, drawn in place: ``label  87.3%`` (then ``note``, an operating point's decision)
+    left, ``low [colour bar] high`` right.
 
     Everything scales with the image's shorter side so a 200 px and a 4000 px image look alike.
     """
@@ -77,13 +78,18 @@ def _draw_legend(canvas: Image.Image, label: str, probability: float, colormap: 
                                        shade).convert("RGB"), (0, height - strip))
     draw = ImageDraw.Draw(canvas)
     middle = height - strip / 2
-    draw.text((pad * 2, middle), f"{label}  {probability:.1%}", font=font, fill=(255, 255, 255), anchor="lm")
-
     bar_width = max(24, round(width * 0.22))
     low_width = draw.textlength("low", font=small)
     high_width = draw.textlength("high", font=small)
     bar_right = round(width - pad * 3 - high_width)
     bar_left = bar_right - bar_width
+
+    text = f"{label}  {probability:.1%}" + (f"  ({note})" if note else "")
+    size = round(strip * 0.6)
+    while size > 9 and draw.textlength(text, font=font) > bar_left - low_width - pad * 4:
+        size -= 1  # a long note shrinks to fit left of the colour bar instead of running under it
+        font = _font(size)
+    draw.text((pad * 2, middle), text, font=font, fill=(255, 255, 255), anchor="lm")
     bar_top, bar_bottom = round(middle - strip * 0.2), round(middle + strip * 0.2)
     gradient = colorize(np.linspace(0.0, 1.0, bar_width)[None, :], colormap)
     bar = Image.fromarray(np.repeat(gradient, bar_bottom - bar_top, axis=0), mode="RGB")
@@ -94,14 +100,15 @@ def _draw_legend(canvas: Image.Image, label: str, probability: float, colormap: 
 
 
 def render_overlay(image: Image.Image, cam_map: np.ndarray, *, label: str, probability: float,
-                   colormap: str = "jet", alpha: float = 0.45,
+                   colormap: str = "jet", alpha: float = 0.45, note: str | None = None,
                    view: tuple[float, float, float, float] | None = None) -> Image.Image:
     """The photo at its own resolution with the CAM blended over it and a legend strip.
 
     ``cam_map`` (h, w) in [0, 1] at any resolution (the model's input size, typically) is upsampled
     bilinearly to the photo's size. Each pixel is ``(1 - alpha) * photo + alpha * colour(cam)``, the
     convention of the Grad-CAM paper and pytorch-grad-cam, so overlays look like the ones clinicians
-    have seen in the literature. ``label``/``probability`` name the class the map explains.
+    have seen in the literature. ``label``/``probability`` name the class the map explains; ``note``
+    follows them (``mel: above threshold 0.231``, the operating point's decision).
 
     ``view`` is the region of the photo the model saw (:func:`dermcam.data.geometry.cover_box`):
     the map covers that region only, the cropped-off margins are dimmed and the region is outlined,
@@ -126,7 +133,7 @@ def render_overlay(image: Image.Image, cam_map: np.ndarray, *, label: str, proba
 
         ImageDraw.Draw(canvas).rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
                                          width=max(1, round(min(photo.size) / 200)))
-    _draw_legend(canvas, label, probability, colormap)
+    _draw_legend(canvas, label, probability, colormap, note)
     return canvas
 
 

@@ -31,6 +31,7 @@ from dermcam import __version__
 from dermcam.errors import CorruptError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.files import atomic_write_json, read_json, utc_now
+from dermcam.store.locks import store_lock
 from dermcam.store.paths import contained
 from dermcam.store.tensors import load_tensors, save_tensors, split_state, state_outline
 
@@ -49,7 +50,7 @@ TRAINING_STATE = s.obj(optional={
     "best": s.nullable(s.obj({"epoch": s.EPOCH, "value": s.number(), "id": s.ID})),
 })
 
-SIDECAR = s.obj({
+SIDECAR = s.all_of(s.obj({
     "schema": s.one_of(CHECKPOINT_SCHEMA),
     "id": s.ID,
     "run_id": s.NAME,
@@ -71,7 +72,9 @@ SIDECAR = s.obj({
     "created": s.TIMESTAMP,
     "step": s.integer(),
     "train_loss": s.nullable(s.number(finite=False)),
-})
+    "calibration": s.CALIBRATION,
+    "operating_point": s.OPERATING_POINT,
+}), s.fits_classes)
 
 
 def versions() -> dict[str, str]:
@@ -188,6 +191,34 @@ def save_checkpoint(run_dir: Path, *, epoch: int, model_state: Mapping[str, torc
         full["state"] = {"file": state_file, "sha256": state_sha, "json": skeleton}
     atomic_write_json(sidecar_path, full)
     return Checkpoint(sidecar_path, full)
+
+
+def annotate_checkpoint(ckpt: Checkpoint, fields: Mapping[str, Any], *, root: Path | None = None) -> Checkpoint:
+    """Add descriptive ``fields`` (calibration, operating point) to a checkpoint's sidecar.
+
+    Why the sidecar and not a file beside it: the sidecar is the one document every command already
+    reads, validates, exports, imports and deletes with the checkpoint, so a calibration stored there
+    travels with ``ckpt export``/``restore``, is checked by ``ckpt verify``, goes with ``prune`` and can
+    never outlive or be mistaken for another checkpoint's (a separate file would need all of that again,
+    and a rollback that rewrites the epoch would leave it describing weights that are gone).
+
+    Crash-safe: the new sidecar is validated, then written beside the old one and renamed over it
+    (:func:`atomic_write_json`), so a crash leaves the old or the new sidecar, both complete and
+    valid; the weights and their hashes are untouched. Under the shared store lock, so ``prune``
+    (exclusive) cannot remove the checkpoint half-way; the sidecar is read again under the lock and
+    must still describe the same weights, else nothing is written.
+    """
+    with store_lock("store", shared=True, root=root):
+        if not ckpt.sidecar_path.is_file():
+            raise NotFoundError(f"checkpoint {ckpt.id} was removed (pruned?) before its sidecar could be updated")
+        current = read_checkpoint(ckpt.sidecar_path)
+        if current.sidecar["weights"]["sha256"] != ckpt.sidecar["weights"]["sha256"]:
+            raise CorruptError(f"checkpoint {ckpt.id} was replaced while it was being calibrated (its weights "
+                               "changed); nothing was written")
+        updated = {**current.sidecar, **fields}
+        s.validate(updated, SIDECAR, f"{ckpt.sidecar_path}: updated sidecar")
+        atomic_write_json(ckpt.sidecar_path, updated)
+    return Checkpoint(ckpt.sidecar_path, updated)
 
 
 def read_json_document(path: Path, check: s.Check, what: str) -> Any:

@@ -66,7 +66,7 @@ _FLOAT_CODES = set(DTYPES.values())
 
 
 # The document in an exported file's header; shared parts (preprocessing, classes, ...) are a sidecar's.
-EXPORT_META = s.obj({
+EXPORT_META = s.all_of(s.obj({
     "backbone": s.BACKBONE,
     "classes": s.CLASSES,
     "preprocessing": s.PREPROCESSING,
@@ -81,7 +81,9 @@ EXPORT_META = s.obj({
     "versions": s.obj(),
     "source": s.obj(optional={"id": s.ID, "epoch": s.EPOCH, "sha256": s.SHA256}),
     "exported": s.TIMESTAMP,
-})
+    "calibration": s.CALIBRATION,
+    "operating_point": s.OPERATING_POINT,
+}), s.fits_classes)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype
         "dataset": side.get("dataset") or {},
         "config": side.get("config") or {},
         "pretrained": side.get("pretrained"),
+        # How outputs become calibrated probabilities and decisions (present only once calibrated).
+        **{k: side[k] for k in ("calibration", "operating_point") if side.get(k) is not None},
         "dtype": dtype,
         "tensors_sha256": tensor_digest(tensors),
         "source": {"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
@@ -414,4 +418,6 @@ def _imported_sidecar(meta: dict[str, Any], imported: dict[str, Any]) -> dict[st
     """The sidecar of an imported checkpoint; optional objects the file lacks are empty, never null."""
     keys = ("backbone", "classes", "label_encoding", "preprocessing", "pretrained")
     objects = ("metrics", "monitor", "config", "dataset")
-    return {**{k: meta.get(k) for k in keys}, **{k: meta.get(k) or {} for k in objects}, "imported": imported}
+    calibrated = {k: meta[k] for k in ("calibration", "operating_point") if meta.get(k) is not None}
+    return {**{k: meta.get(k) for k in keys}, **{k: meta.get(k) or {} for k in objects}, **calibrated,
+            "imported": imported}

@@ -142,6 +142,15 @@ def obj(required: Mapping[str, Check] | None = None, optional: Mapping[str, Chec
     return check
 
 
+def all_of(*checks: Check) -> Check:
+    """Every one of ``checks``, in order (an object's fields first, then how they fit together)."""
+    def check(value: Any, field: str) -> None:
+        for item in checks:
+            item(value, field)
+
+    return check
+
+
 def decoded(decode: Callable[[Any], Any], check: Check, why: str) -> Check:
     """``check`` applied to ``decode(value)``; a value that does not decode is invalid (``why``)."""
     def inner(value: Any, field: str) -> None:
@@ -184,3 +193,66 @@ DATASET = obj(optional={"name": NAME, "fingerprint": text(max_len=200)})
 
 # A training configuration (checked fully by TrainConfig); here only what names a folder of the store.
 CONFIG = obj(optional={"dataset": nullable(NAME)})
+
+# -- what turns a model's outputs into probabilities and decisions (dermcam.evaluate.calibration) ----
+
+TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature outside it means the fit failed, not a model
+BIAS_LIMIT = 50.0
+_SCALE = satisfies(lambda v: _is_number(v) and TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+                   f"is not a number from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}")
+_BIAS = satisfies(lambda v: _is_number(v) and math.isfinite(v) and abs(v) <= BIAS_LIMIT,
+                  f"is not a finite number from {-BIAS_LIMIT:g} to {BIAS_LIMIT:g}")
+_UNIT = satisfies(lambda v: _is_number(v) and 0.0 <= v <= 1.0, "is not a number from 0 to 1")
+_OPEN_UNIT = satisfies(lambda v: _is_number(v) and 0.0 < v < 1.0, "is not a number strictly between 0 and 1")
+
+
+def _vector_parts(value: Any, field: str) -> None:
+    """Vector scaling needs its per-class scale and bias; temperature scaling has neither."""
+    has = [key for key in ("scale", "bias") if value.get(key) is not None]
+    if value["method"] == "vector" and len(has) != 2:
+        raise Invalid(_child(field, "scale"), "and 'bias' are required by method 'vector'")
+    if value["method"] == "temperature" and has:
+        raise Invalid(_child(field, has[0]), "belongs to method 'vector', not 'temperature'")
+
+
+# Sidecars and exports: ``calibration`` (how raw probabilities become calibrated ones) and
+# ``operating_point`` (a threshold on one class's calibrated probability). Only the fields that change
+# a probability or a decision are required and range-checked; the rest is the record of the fit.
+CALIBRATION = all_of(obj({
+    "method": one_of("temperature", "vector"),
+    "temperature": _SCALE,
+}, optional={
+    "scale": nullable(array(_SCALE, min_len=2, max_len=1000)),
+    "bias": nullable(array(_BIAS, min_len=2, max_len=1000)),
+    "fitted_on": obj(optional={"dataset": nullable(NAME), "split": text(max_len=16), "n": integer(),
+                               "lesions": integer(), "fingerprint": nullable(text(max_len=200))}),
+    "before": obj(), "after": obj(), "vector_check": nullable(obj()), "created": TIMESTAMP,
+}), _vector_parts)
+
+OPERATING_POINT = obj({
+    "class": text(min_len=1, max_len=100),
+    "metric": one_of("sensitivity", "specificity"),
+    "target": _OPEN_UNIT,
+    "threshold": _UNIT,
+}, optional={
+    "validation": obj(optional={"sensitivity": nullable(_UNIT), "specificity": nullable(_UNIT), "n": integer(),
+                                "positives": integer(), "negatives": integer()}),
+    "created": TIMESTAMP,
+})
+
+
+def fits_classes(value: Any, field: str) -> None:
+    """A document's calibration and operating point must fit its ``classes``: one scale and bias per
+    class, and an operating point for a class the model has (else it would silently never apply)."""
+    classes = value["classes"]
+    calibration = value.get("calibration") or {}
+    for key in ("scale", "bias"):
+        if calibration.get(key) is not None and len(calibration[key]) != len(classes):
+            raise Invalid(_child(_child(field, "calibration"), key), f"does not have one entry per class "
+                                                                      f"({len(classes)})")
+    point = value.get("operating_point")
+    if point is not None and point["class"] not in classes:
+        raise Invalid(_child(_child(field, "operating_point"), "class"), "is not one of the model's classes")
+    if point is not None and value.get("calibration") is None:
+        raise Invalid(_child(field, "operating_point"), "needs a calibration (its threshold is on calibrated "
+                                                        "probabilities)")

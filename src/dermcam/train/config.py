@@ -43,6 +43,7 @@ class TrainConfig:
     channels_last: bool = True
     sync_bn: bool = False
     seed: int = 0
+    operating_point: str | None = None  # "mel:sensitivity=0.90": chosen on val after calibration
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, str) and self.image_size.strip().isdigit():
@@ -76,6 +77,10 @@ class TrainConfig:
                 raise BadInputError(message)
         if self.image_size is not None:
             self.input_size()
+        if self.operating_point is not None:
+            from dermcam.evaluate.operating import parse_operating_point
+
+            parse_operating_point(self.operating_point)
 
     def input_size(self, default: tuple[int, int] | None = None) -> tuple[int, int]:
         """The model input as ``(height, width)`` (torch's order): ``image_size``, else ``default``."""

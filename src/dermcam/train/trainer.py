@@ -46,6 +46,17 @@ def check_distributed(config: TrainConfig, dist: distributed.DistContext) -> Non
         raise BadInputError("sync_bn needs CUDA: SyncBatchNorm does not run on the CPU")
 
 
+def check_operating_point(config: TrainConfig, classes: list[str], val_labels: np.ndarray, dataset: str) -> None:
+    """``--operating-point`` names a class of the data set whose val split has images of it and of other
+    classes (a threshold needs both); refused before any epoch rather than after the last."""
+    if config.operating_point is None:
+        return
+    from dermcam.evaluate.operating import check_labels, parse_operating_point
+
+    check_labels(parse_operating_point(config.operating_point), classes, val_labels,
+                 f"the val split of data set '{dataset}'")
+
+
 def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
     """A run stopped by an error or Ctrl-C says so in run.json instead of staying "running"; it can
     still be resumed from its last checkpoint. (A SIGKILL leaves "running": resume handles that too.)"""
@@ -108,6 +119,10 @@ class Trainer:
 
         cfg = self.config
         self.data = load_prepared(cfg.dataset, self.root)
+        if self.data.external:
+            raise BadInputError(f"data set '{self.data.name}' was prepared with --external: it is for evaluation "
+                                "only, never trained on (score a model on it: dermcam evaluate CHECKPOINT "
+                                f"--data {self.data.name})")
         if cfg.dataset is None:
             cfg.dataset = self.data.name
         self.classes = list(self.data.classes)
@@ -395,6 +410,7 @@ class Trainer:
         main = self.dist.is_main
         self._open_run()
         self.build()
+        check_operating_point(self.config, self.classes, self.val_labels, self.data.name)
         if not self.resume:  # rank 0 creates the run; the others learn its id
             created = create_run(dataclasses.asdict(self.config), self.root) if main else None
             run_id = self.dist.broadcast_str(created.name if created else "")
@@ -439,8 +455,28 @@ class Trainer:
             self.epoch += 1
         return self._finish(resumed_from)
 
+    def _calibrate(self, best: Any) -> None:
+        """Calibrate the best checkpoint on the validation split (and choose ``--operating-point``), so
+        the test report and every later command read calibrated probabilities; see
+        :mod:`dermcam.evaluate.calibrate`. Only the best is calibrated: it is what commands use by
+        default, and any other checkpoint can be calibrated later with ``dermcam calibrate``."""
+        from dermcam.evaluate.calibrate import calibrate_checkpoint
+        from dermcam.evaluate.calibration import describe
+        from dermcam.evaluate.operating import parse_operating_point
+
+        spec = parse_operating_point(self.config.operating_point) if self.config.operating_point else None
+        result = calibrate_checkpoint(best, spec, device=self.config.device, precision=self.config.precision,
+                                      root=self.root, progress=self.progress)
+        before, after = result.calibration["before"], result.calibration["after"]
+        point = result.operating_point
+        self.progress.log(f"Calibrated {best.id} on val: {describe(result.calibration)}, NLL {before['nll']:.3f} -> "
+                          f"{after['nll']:.3f}, ECE {before['ece']:.3f} -> {after['ece']:.3f}"
+                          + (f"; operating point {spec}: threshold {point['threshold']:.3f}" if point else ""))
+        for warning in result.warnings:
+            self.progress.log(f"Warning: {warning}")
+
     def _finish(self, resumed_from: str | None) -> TrainResult:
-        """Evaluate the run's best checkpoint on the test split and write the report."""
+        """Calibrate the run's best checkpoint, evaluate it on the test split and write the report."""
         from dermcam.evaluate.evaluation import evaluate
         from dermcam.evaluate.report import plot_curves
         from dermcam.store.runs import best_remaining
@@ -453,6 +489,7 @@ class Trainer:
                               f"evaluating {best.id}, the best one left in run {self.run_id}")
             self.best = {"epoch": best.epoch, "value": best.monitor_value, "id": best.id}
         if best is not None:
+            self._calibrate(best)
             result = evaluate(best.id, split="test", device=self.config.device,
                               precision=self.config.precision, out_dir=report_dir, root=self.root,
                               progress=self.progress)
@@ -502,6 +539,11 @@ def train_configurations(options: dict[str, Any], *, grid: dict[str, list[Any]] 
     configs = load_experiments(config_file, base) if config_file else expand_grid(base, **grid)
     for cfg in configs:
         cfg.validate()
+        if cfg.operating_point is not None:  # its class is checked against the data before the first run
+            from dermcam.data.dataset import load_prepared
+
+            data = load_prepared(cfg.dataset, root)
+            check_operating_point(cfg, list(data.classes), data.split("val")[1], data.name)
     return train_many(configs, root=root, progress=progress)
 
 
