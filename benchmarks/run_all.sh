@@ -13,6 +13,7 @@ for size in 192x144 256x192; do  # `dermcam train --freeze N`: fp32 only (auto p
 done
 python bench_explain.py --images 8 --repeats 3
 python bench_bootstrap.py --repeat 3
+python bench_onnx.py
 # The long one (about 40 minutes on 2 cores): accuracy within the CPU budget.
 [ "${WITH_ACCURACY:-0}" = 1 ] && python accuracy_ham10000_lite.py
 exit 0

@@ -138,3 +138,25 @@ def test_a_set_sharing_no_class_is_a_clear_error(runner, home: Path, tmp_path: P
 def test_bad_resamples_are_refused(runner, home: Path, value: str) -> None:
     result = runner.invoke(app, ["evaluate", "--resamples", value])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("layout", ["isic", "folders"])
+def test_external_sets_in_other_layouts_evaluate_end_to_end(runner, home: Path, tmp_path: Path, layout: str) -> None:
+    """A model trained on HAM-style 'synth' scored on an ISIC one-hot set (with classes it lacks) and on a
+    folder-per-class set with a mistyped class folder, both prepared with --external."""
+    from test_layouts import class_folders, isic_one_hot
+
+    src = (isic_one_hot(tmp_path / "isic") if layout == "isic"
+           else class_folders(tmp_path / "folders", {"mel": 6, "nv": 6, "mle": 3}))
+    keep_all = ["--classes", "mel,nv,bkl,scc,akiec"] if layout == "isic" else []  # else the default choice
+    prepared = runner.invoke(app, ["prepare", str(src), "--name", "ext", "--external", *keep_all, "--json"])
+    assert prepared.exit_code in (0, 5), prepared.output  # 5: listed skips (ISIC's ambiguous rows)
+    [trained] = run_json(runner, ["train", *TINY, "--json"])
+    out = run_json(runner, ["evaluate", trained["best_checkpoint"], "--data", "ext", "--resamples", "100", "--json"])
+    assert out["dataset"] == "ext" and out["trained_on"] == "synth" and out["split"] == "test"
+    if layout == "isic":  # SCC and AK are classes the model does not know: counted, left out
+        assert out["left_out"] == {"akiec": 2, "scc": 2} and out["scored_classes"] == ["bkl", "mel", "nv"]
+        assert out["metrics"]["n"] == 18
+    else:  # --classes defaulted to every class found; 'mle' is not the model's: left out, not mistaken for mel
+        assert out["left_out"] == {"mle": 3} and out["scored_classes"] == ["mel", "nv"]
+        assert out["metrics"]["n"] == 12 and out["metrics"]["support_bkl"] == 0

@@ -121,31 +121,47 @@ def prune_cmd(
 def export_cmd(
     ckpt: str = typer.Argument("best", metavar="CKPT", help="Checkpoint to export (RUN:EPOCH, run, sha prefix, best, latest)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="File (or folder) to write; default ./dermcam-<backbone>-<run>-e<epoch>.safetensors"),
-    half: bool = typer.Option(False, "--half", help="Store float16 weights (half the size)."),
-    bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size, float32's range)."),
+                                          help="File (or folder) to write; default ./dermcam-<backbone>-<run>-e<epoch>"
+                                               ".safetensors (or .onnx)"),
+    fmt: str = typer.Option("safetensors", "--format", "-f", metavar="safetensors|onnx",
+                            help="safetensors: weights + metadata for timm/dermcam. onnx: one graph for ONNX Runtime "
+                                 "(resize, normalisation and calibration inside; needs dermcam[onnx])."),
+    half: bool = typer.Option(False, "--half", help="Store float16 weights (half the size; safetensors only)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size, float32's range; safetensors only)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Write one self-contained .safetensors file for inference anywhere (loads with plain timm too).
+    """Write one self-contained file for inference anywhere: .safetensors (loads with plain timm too) or .onnx.
 
-    Its header holds backbone, classes, preprocessing, metrics, training config and versions,
-    plus the source checkpoint's id and sha256 (JSON under the "dermcam" metadata key).
+    Its metadata holds backbone, classes, preprocessing, calibration and operating point, metrics,
+    training config and versions, plus the source checkpoint's id and sha256 (JSON under the
+    "dermcam" key of the safetensors header or of the ONNX model's metadata_props).
     """
-    from dermcam.store.exchange import export_checkpoint
-
     if half and bf16:
         raise BadInputError("choose one of --half and --bf16")
-    dtype = "float16" if half else "bfloat16" if bf16 else "float32"
-    result = export_checkpoint(ckpt, output, dtype=dtype, force=force)
+    if fmt.lower() == "onnx":
+        from dermcam.deploy.onnx_export import export_onnx
+
+        if half or bf16:
+            raise BadInputError("--half and --bf16 apply to safetensors exports; an ONNX export is float32")
+        result = export_onnx(ckpt, output, force=force)
+    elif fmt.lower() == "safetensors":
+        from dermcam.store.exchange import export_checkpoint
+
+        result = export_checkpoint(ckpt, output, dtype="float16" if half else "bfloat16" if bf16 else "float32",
+                                   force=force)
+    else:
+        raise BadInputError(f"unknown --format '{fmt}' (choose safetensors or onnx)")
     if as_json:
         print_json(result)
         return
-    console.print(f"Exported {result['id']} ({result['backbone']}, {result['dtype']}) to {result['file']}\n"
+    use = (f"ONNX Runtime and PyTorch agree within {result['check_gap']:.1g} in probability. Run it with ONNX "
+           "Runtime: input 'image' is uint8 RGB pixels at the cache size (docs/checkpoints.md)"
+           if result["format"] == "onnx" else
+           f"Use it with: dermcam explain IMAGE -c {result['file']}  or import it elsewhere with: dermcam ckpt restore FILE")
+    console.print(f"Exported {result['id']} ({result['backbone']}, {result['format']}, {result['dtype']}) to {result['file']}\n"
                   f"  {views.human_bytes(result['size'])} (checkpoint weights: {views.human_bytes(result['source_size'])}), "
-                  f"sha256 {result['file_sha256'][:16]}...\n"
-                  f"  Use it with: dermcam explain IMAGE -c {result['file']}  "
-                  f"or import it elsewhere with: dermcam ckpt restore FILE", highlight=False, soft_wrap=True)
+                  f"sha256 {result['file_sha256'][:16]}...\n  {use}", highlight=False, soft_wrap=True)
 
 
 @ckpt_app.command("restore")

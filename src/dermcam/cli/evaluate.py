@@ -37,7 +37,7 @@ def evaluate_command(
 
     Probabilities are calibrated when the checkpoint is (ECE, Brier and NLL before and after are
     reported); with an operating point its sensitivity and specificity are reported too. --out also
-    writes reliability.png, roc.png and pr.png.
+    writes reliability.png, roc.png, pr.png and report.html (see dermcam report).
     """
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
@@ -46,6 +46,10 @@ def evaluate_command(
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
                           resamples=resamples, seed=seed, calibrated=not no_calibration, out_dir=out,
                           progress=progress)
+        if out is not None:
+            from dermcam.report.build import write_html_report
+
+            result.files.append(write_html_report(out, checkpoint))
     show_result(result, json_output, views.evaluation)
 
 

@@ -354,3 +354,8 @@ def subgroup_table(subgroups: list[dict[str, Any]], classes: list[str]) -> Table
         table.add_row(name, str(entry["n"]), *(with_ci(m.get(k), ci.get(k)) for k in (
             "balanced_accuracy", "macro_f1", "auc_macro", *(f"recall_{c}" for c in classes))))
     return table
+
+
+def report_path(result: Any) -> None:
+    """``dermcam report``: the page's path alone on stdout, so ``xdg-open "$(dermcam report)"`` works."""
+    console.print(str(result.path), markup=False, highlight=False, soft_wrap=True)

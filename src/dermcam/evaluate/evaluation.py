@@ -129,7 +129,9 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     validation): classes are matched by name, images of classes the model does not know are left out
     and counted, every headline metric gets a bootstrap interval over ``resamples`` lesion resamples
     (0: none), and subgroups get their own metrics. With ``out_dir``: metrics.json,
-    confusion_matrix.png, reliability.png, roc.png, pr.png and predictions.csv.
+    confusion_matrix.png, reliability.png, roc.png, pr.png and predictions.csv; report.html is built from
+    them by :func:`dermcam.report.build.write_html_report` (above ``explain``, whose Grad-CAMs it shows),
+    which training and ``dermcam evaluate --out`` call.
 
     Probabilities are calibrated when the checkpoint has a calibration (``calibrated=False``: raw);
     ``metrics["calibration"]`` compares them with the raw ones. With an operating point,
@@ -173,7 +175,9 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
                         scored_set.trained_on, [classes[i] for i in scored_set.shared], scored_set.left_out,
                         subgroups)
     if out_dir is not None:
-        report = {**metrics, "trained_on": scored_set.trained_on, "dataset": data.name, "split": split,
+        # which checkpoint and classes: what report.html reads back to describe and to regenerate it
+        report = {**metrics, "checkpoint": result.checkpoint_id, "trained_on": scored_set.trained_on,
+                  "dataset": data.name, "split": split, "scored_classes": result.scored_classes,
                   "left_out": scored_set.left_out, "subgroups": subgroups}
         result.files = write_report(out_dir, report, classes, title=result.title)
         result.files += write_probability_plots(out_dir, y_true, raw, outputs, title=result.title)

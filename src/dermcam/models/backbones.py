@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import difflib
+import gc
+import sys
+from collections.abc import Mapping
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from dermcam.errors import BadInputError
-from dermcam.models.weights import apply_state_dict, resolve_pretrained
+from dermcam.errors import BadInputError, CorruptError
 from dermcam.progress import Progress
 
 if TYPE_CHECKING:
     import torch
+
+
+def import_timm() -> ModuleType:
+    """``import timm`` (torch, torchvision and torch._dynamo come with it), the first time with the cyclic
+    garbage collector paused and everything the import built frozen (:func:`gc.freeze`).
+
+    The import creates about 375,000 objects (modules, classes, functions, dynamo's and sympy's tables)
+    that live until the process exits. The collector would traverse them again and again while they
+    are created, and once more while the interpreter shuts down: together about 1.7 s of a 5 s
+    ``dermcam explain`` on the 2-core VM (benchmarks/bench_startup.py). Frozen objects are skipped by
+    every later collection. The price: whatever else is alive at that moment and later becomes
+    unreachable *cyclic* garbage is never freed; in a CLI process that is the import itself, and in a
+    notebook it happens only if dermcam is the first to import timm.
+    """
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import timm
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+    return timm
 
 
 def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
@@ -19,8 +47,7 @@ def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
     Used directly when loading a dermcam checkpoint (its weights replace these) and by
     :func:`create_model`. An unknown name is a :class:`BadInputError` that suggests close names.
     """
-    import timm
-
+    timm = import_timm()
     if num_classes < 1:
         raise BadInputError(f"num_classes must be at least 1, got {num_classes}")
     architecture = backbone.split(".", 1)[0]
@@ -34,6 +61,26 @@ def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
         raise BadInputError(f"cannot build backbone '{backbone}': {str(exc).splitlines()[0]}") from None
 
 
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], backbone: str,
+                source: str) -> torch.nn.Module:
+    """``model`` with ``state`` loaded (names and shapes must match exactly), in eval mode.
+
+    Weights that do not fit are a damaged or foreign file, never a partly loaded model: a
+    :class:`CorruptError` naming ``source`` (a checkpoint or a file) and the first mismatch.
+    """
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CorruptError(f"{source} does not fit backbone {backbone}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def build_with_weights(backbone: str, num_classes: int, state: Mapping[str, torch.Tensor],
+                       source: str) -> torch.nn.Module:
+    """:func:`build_model` with trained weights loaded by :func:`load_strict` (eval mode)."""
+    return load_strict(build_model(backbone, num_classes), state, backbone, source)
+
+
 def create_model(backbone: str, num_classes: int, pretrained: str = "auto", *,
                  progress: Progress | None = None) -> tuple[torch.nn.Module, dict]:
     """timm model with a fresh ``num_classes`` head, initialised from pretrained weights.
@@ -45,6 +92,8 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "auto", *,
     "dropped_keys": [...], "missing_keys": [...]}``: a pretrained classifier whose shape does not fit
     ``num_classes`` is dropped (listed in ``dropped_keys``) and left freshly initialised.
     """
+    from dermcam.models.weights import apply_state_dict, resolve_pretrained  # not needed to load a checkpoint
+
     progress = progress or Progress()
     model = build_model(backbone, num_classes)
     if pretrained == "none":
@@ -105,7 +154,7 @@ def data_config(model_or_backbone: torch.nn.Module | str) -> dict:
     ``{"input_size": [3, H, W], "mean": [...], "std": [...], "interpolation": "bicubic",
     "crop_pct": 0.875}``. Accepts a model (uses its own cfg) or a backbone name (no model is built).
     """
-    import timm
+    timm = import_timm()
     from timm.data import resolve_data_config
 
     if isinstance(model_or_backbone, str):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,18 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
 from dermcam.store import schema as s
-from dermcam.store.checkpoint import Checkpoint, versions
+from dermcam.store.checkpoint import Checkpoint, save_checkpoint, versions
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
 from dermcam.store.locks import store_lock
 from dermcam.store.references import resolve
+from dermcam.store.runs import create_run, list_checkpoints, new_run_id, update_run
 from dermcam.store.tensors import save_tensors
 
 if TYPE_CHECKING:
     import torch
-import shutil
-
-from dermcam.store.checkpoint import save_checkpoint
-from dermcam.store.runs import create_run, list_checkpoints, new_run_id, update_run
 
 EXPORT_SCHEMA = "dermcam.export/1"
 
@@ -128,11 +126,10 @@ def _cast(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Te
     return {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
 
-def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, Any]:
-    """The ``dermcam.export/1`` document for ``ckpt`` (what a machine without the store needs)."""
+def model_document(ckpt: Checkpoint) -> dict[str, Any]:
+    """What every export format carries about the model: classes, preprocessing, calibration, provenance."""
     side = ckpt.sidecar
     return {
-        "schema": EXPORT_SCHEMA,
         "backbone": side["backbone"],
         "classes": list(side["classes"]),
         "num_classes": len(side["classes"]),
@@ -145,8 +142,6 @@ def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype
         "pretrained": side.get("pretrained"),
         # How outputs become calibrated probabilities and decisions (present only once calibrated).
         **{k: side[k] for k in ("calibration", "operating_point") if side.get(k) is not None},
-        "dtype": dtype,
-        "tensors_sha256": tensor_digest(tensors),
         "source": {"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
                    "sha256": side["weights"]["sha256"], "created": side.get("created"),
                    "versions": side.get("versions") or {}},
@@ -155,44 +150,74 @@ def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype
     }
 
 
-def default_export_name(ckpt: Checkpoint, dtype: str) -> str:
+def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, Any]:
+    """The ``dermcam.export/1`` document for ``ckpt`` (what a machine without the store needs)."""
+    return {"schema": EXPORT_SCHEMA, **model_document(ckpt), "dtype": dtype, "tensors_sha256": tensor_digest(tensors)}
+
+
+def default_export_name(ckpt: Checkpoint, dtype: str, suffix: str = ".safetensors") -> str:
     backbone = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(ckpt.sidecar["backbone"]))
-    suffix = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
-    return f"dermcam-{backbone}-{ckpt.run_id}-e{ckpt.epoch}{suffix}.safetensors"
+    precision = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
+    return f"dermcam-{backbone}-{ckpt.run_id}-e{ckpt.epoch}{precision}{suffix}"
+
+
+def export_source(ref: str | Path | None, root: Path | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """The checkpoint to export and its weights, checked against their sidecar hash first: a damaged
+    checkpoint is never exported (in any format)."""
+    with store_lock("store", shared=True, root=root):
+        ckpt = resolve(ref, root)
+        return ckpt, ckpt.load_weights(verify=True)
+
+
+def export_target(output: Path | None, default_name: str, force: bool) -> Path:
+    """Where an export goes: ``output`` (a file, or a folder for ``default_name``), else ./default_name;
+    an existing file is replaced only with ``force``."""
+    out = Path(output) if output is not None else Path.cwd() / default_name
+    if out.is_dir():
+        out = out / default_name
+    if out.exists() and not force:
+        raise BadInputError(f"{out} already exists; choose another -o or pass --force to replace it")
+    return out
+
+
+def metadata_text(ckpt: Checkpoint, meta: Mapping[str, Any]) -> str:
+    """An export's document as JSON, refused when it is over what an import reads."""
+    text = json.dumps(meta, default=str)
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadInputError(f"checkpoint {ckpt.id}: its metadata is over {MAX_METADATA_BYTES} bytes; "
+                            "the training config is too large to export")
+    return text
+
+
+def finish_export(ckpt: Checkpoint, out: Path, meta: Mapping[str, Any], fmt: str, *, file_sha: str | None = None,
+                  root: Path | None = None) -> dict[str, Any]:
+    """Record a written export in its run's ``exports.json`` (``ckpt list`` flags it) and describe it."""
+    record = {"id": ckpt.id, "sha256": ckpt.sidecar["weights"]["sha256"], "file": str(out.resolve()),
+              "file_sha256": file_sha or sha256_file(out), "format": fmt, "dtype": meta["dtype"],
+              "created": utc_now()}
+    with store_lock("store", root=root):
+        _record_export(ckpt.run_dir, record)
+    return {**record, "size": out.stat().st_size, "source_size": ckpt.weights_path.stat().st_size,
+            "backbone": meta["backbone"], "classes": meta["classes"]}
 
 
 def export_checkpoint(ref: str | Path | None, output: Path | None = None, *, dtype: str = "float32",
                       force: bool = False, root: Path | None = None) -> dict[str, Any]:
     """Write checkpoint ``ref`` as one self-contained safetensors file and record it in the run.
 
-    The source weights are checked against their sidecar hash first (a damaged checkpoint is never
-    exported), the file is written atomically, and the run's ``exports.json`` remembers the export so
-    ``ckpt list`` can flag it.
+    The source weights are hash-checked first (:func:`export_source`), the file is written
+    atomically, and the run's ``exports.json`` remembers the export so ``ckpt list`` can flag it.
+    (``dermcam.deploy.onnx_export.export_onnx`` writes an ONNX file the same way.)
     """
     if dtype not in DTYPES:
         raise BadInputError(f"unknown export dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-    with store_lock("store", shared=True, root=root):
-        ckpt = resolve(ref, root)
-        state = ckpt.load_weights(verify=True)
+    ckpt, state = export_source(ref, root)
+    out = export_target(output, default_export_name(ckpt, dtype), force)
     tensors = _cast(state, dtype)
     meta = export_metadata(ckpt, tensors, dtype)
-    text = json.dumps(meta, default=str)
-    if len(text.encode()) > MAX_METADATA_BYTES:
-        raise BadInputError(f"checkpoint {ckpt.id}: its metadata is over {MAX_METADATA_BYTES} bytes; "
-                            "the training config is too large to export")
-    out = Path(output) if output is not None else Path.cwd() / default_export_name(ckpt, dtype)
-    if out.is_dir():
-        out = out / default_export_name(ckpt, dtype)
-    if out.exists() and not force:
-        raise BadInputError(f"{out} already exists; choose another -o or pass --force to replace it")
-    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
+    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: metadata_text(ckpt, meta)})
     out.chmod(0o644)  # the temporary file was private (0600); an export is meant to be shared
-    record = {"id": ckpt.id, "sha256": ckpt.sidecar["weights"]["sha256"], "file": str(out.resolve()),
-              "file_sha256": file_sha, "dtype": dtype, "created": utc_now()}
-    with store_lock("store", root=root):
-        _record_export(ckpt.run_dir, record)
-    return {**record, "size": out.stat().st_size, "source_size": ckpt.weights_path.stat().st_size,
-            "backbone": meta["backbone"], "classes": meta["classes"]}
+    return finish_export(ckpt, out, meta, "safetensors", file_sha=file_sha, root=root)
 
 
 def _record_export(run_dir: Path, record: dict[str, Any]) -> None:
@@ -339,6 +364,8 @@ def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from dermcam.models.backbones import load_strict
+
     path = Path(path)
     header, meta = read_header(path)
     model = _reference_model(path, meta["backbone"], len(meta["classes"]))
@@ -349,11 +376,8 @@ def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
         raise CorruptError(f"{path} is damaged: {str(exc).splitlines()[0]}") from None
     if tensor_digest(tensors) != meta["tensors_sha256"]:
         raise CorruptError(f"{path}: the weights do not match the digest in its metadata (damaged or modified)")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CorruptError(f"{path} does not fit backbone {meta['backbone']}: {str(exc).splitlines()[0]}") from None
-    return ExportedFile(path, meta, tensors, sha256_file(path)), model.eval()
+    model = load_strict(model, tensors, meta["backbone"], str(path))
+    return ExportedFile(path, meta, tensors, sha256_file(path)), model
 
 
 def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -476,9 +476,11 @@ class Trainer:
             self.progress.log(f"Warning: {warning}")
 
     def _finish(self, resumed_from: str | None) -> TrainResult:
-        """Calibrate the run's best checkpoint, evaluate it on the test split and write the report."""
+        """Calibrate the run's best checkpoint, evaluate it on the test split and write the report
+        (report.html last: it shows the other files)."""
         from dermcam.evaluate.evaluation import evaluate
         from dermcam.evaluate.report import plot_curves
+        from dermcam.report.build import write_html_report
         from dermcam.store.runs import best_remaining
 
         report_dir = self.run_dir / "report"
@@ -496,6 +498,7 @@ class Trainer:
             test_metrics, files = result.metrics, list(result.files)
             if self.history:
                 files.append(plot_curves(self.history, report_dir / "curves.png", title=f"run {self.run_id}"))
+            files.append(write_html_report(report_dir, best.sidecar_path, root=self.root))
         epochs_done = self.history[-1]["epoch"] + 1 if self.history else 0
         return TrainResult(
             run_id=self.run_id, run_dir=self.run_dir, config=self.config,

@@ -1,0 +1,356 @@
+"""The sections of report.html, one function each, from what an evaluation wrote and the checkpoint.
+
+Every function takes :class:`ReportInputs` and returns its section (or ``None`` when it has nothing
+to show: no operating point, no training curves); :func:`render` puts them in reading order. The
+order follows how a reader checks a result: what was tested on what, how good, how well calibrated,
+where it fails (subgroups, the gallery), and last what the model is for (the model card).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dermcam.report.gallery import Case, Gallery
+from dermcam.report.html import (
+    Markup,
+    Section,
+    columns,
+    figure,
+    image,
+    join,
+    key_values,
+    number,
+    page,
+    paragraph,
+    table,
+    tag,
+    with_ci,
+)
+
+DISCLAIMER = ("Research software. dermcam is not a medical device: this model must not be used to diagnose, "
+              "triage or reassure patients.")
+INTENDED_USE = f"Research on automated classification of dermoscopy images and on how such models fail. {DISCLAIMER}"
+NOT_INTENDED = ("Clinical decisions of any kind; images other than dermoscopy of the model's classes; populations, "
+                "clinics or devices the training data does not represent.")
+CAVEATS = ("Intervals resample lesions of one set and do not cover other clinics, devices or populations. "
+           "Calibration was fitted on a validation split and may not transfer to another set.")
+FIGURE_FILES = ("curves.png", "confusion_matrix.png", "confusion_matrix_operating_point.png", "reliability.png",
+                "roc.png", "pr.png")
+
+
+@dataclass
+class ReportInputs:
+    """Everything the page shows: ``metrics`` is the folder's metrics.json, ``figures`` its PNGs by
+    file name, ``evaluated``/``training`` the manifests of the two data sets (None where the set is
+    not in this store), ``versions`` the library versions that built the page."""
+
+    metrics: dict[str, Any]
+    sidecar: dict[str, Any]
+    evaluated: dict[str, Any] | None
+    training: dict[str, Any] | None
+    figures: dict[str, bytes]
+    gallery: Gallery
+    versions: dict[str, str]
+    generated: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.sidecar["classes"])
+
+    @property
+    def checkpoint(self) -> str:
+        return str(self.metrics.get("checkpoint") or self.sidecar.get("id"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.metrics["dataset"])
+
+    @property
+    def trained_on(self) -> str | None:
+        return self.metrics.get("trained_on") or (self.sidecar.get("dataset") or {}).get("name")
+
+    @property
+    def intervals(self) -> dict[str, list[float]]:
+        return (self.metrics.get("ci") or {}).get("intervals") or {}
+
+    @property
+    def title(self) -> str:
+        return f"{self.checkpoint} on {self.dataset}/{self.metrics['split']}"
+
+
+def _external(inputs: ReportInputs) -> bool:
+    return inputs.trained_on is not None and inputs.trained_on != inputs.dataset
+
+
+def summary(inputs: ReportInputs) -> Section:
+    """The disclaimer and the headline numbers, each with its interval."""
+    m, ci = inputs.metrics, inputs.intervals
+    boxes = [_headline(name, m.get(key), ci.get(key)) for name, key in (
+        ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1"), ("AUC (macro)", "auc_macro"),
+        ("accuracy (for comparison only)", "accuracy"), ("images", "n"))]
+    what = (f"Checkpoint {inputs.checkpoint}, trained on {inputs.trained_on or 'an unknown set'}, evaluated on the "
+            f"{m['split']} split of {inputs.dataset}" + (" (external validation)." if _external(inputs) else "."))
+    scored = m.get("scored_classes")
+    notes = [paragraph(what)]
+    if scored and len(scored) < len(inputs.classes):
+        notes.append(paragraph(f"This set has only some of the model's classes: balanced accuracy and macro F1 "
+                               f"average over {', '.join(scored)}."))
+    return Section("summary", "Summary", tag("div", DISCLAIMER, class_="warning"),
+                   tag("div", *boxes, class_="headline"),
+                   *notes)
+
+
+def _headline(name: str, value: object, interval: list[float] | None) -> Markup:
+    """One box of the summary: the value large, its interval under it, then what it is."""
+    span = tag("span", f"95% CI {interval[0]:.3f}-{interval[1]:.3f}" if interval else "", class_="ci")
+    return tag("div", tag("b", number(value)), span, tag("span", name))
+
+
+def _counts_table(manifest: dict[str, Any], caption: str) -> Section:
+    """Images per split and class of a prepared set, with the number of groups (lesions) per split."""
+    classes, counts = manifest["classes"], manifest["counts"]
+    rows = [[split, sum(per.values()), manifest.get("lesions", {}).get(split, "-"), *(per.get(c, 0) for c in classes)]
+            for split, per in counts.items()]
+    rows.append(["total", sum(sum(per.values()) for per in counts.values()), sum(manifest.get("lesions", {}).values()),
+                 *(sum(per.get(c, 0) for per in counts.values()) for c in classes)])
+    return table(["split", "images", "groups", *classes], rows, caption)
+
+
+def _grouping(manifest: dict[str, Any]) -> str:
+    grouping = manifest.get("grouping") or {}
+    kinds = ", ".join(f"{n} by {kind}" for kind, n in grouping.items() if n)
+    return ("Images are grouped by lesion, else by patient, else each image alone"
+            + (f" ({kinds} groups)" if kinds else "")
+            + ": no group is on two sides of a split, and the bootstrap resamples whole groups.")
+
+
+def data(inputs: ReportInputs) -> Section:
+    """Which sets, how many images of each class in each split, how they are grouped, what was left out."""
+    m = inputs.metrics
+    sets = table(
+        ["", "data set", "split", "layout", "images"],
+        [["evaluated on", inputs.dataset, m["split"], (inputs.evaluated or {}).get("layout", "-"), m["n"]],
+         ["trained on", inputs.trained_on or "-", "train", (inputs.training or {}).get("layout", "-"),
+          sum(((inputs.training or {}).get("counts") or {}).get("train", {}).values()) if inputs.training else "-"]])
+    support = table(["class", "images evaluated"], [[c, m.get(f"support_{c}", 0)] for c in inputs.classes],
+                    "images of each of the model's classes in the evaluated split")
+    left_out = (paragraph("Left out (classes the model does not know): "
+                          + ", ".join(f"{c} ({n})" for c, n in m["left_out"].items())) if m.get("left_out") else "")
+    splits: list[object] = []
+    for title, manifest in (("evaluated", inputs.evaluated), ("training", inputs.training)):
+        if manifest is None:
+            splits.append(paragraph(f"The {title} set is not in this store; its splits cannot be shown.",
+                                    class_="muted"))
+        elif title == "evaluated" or _external(inputs):  # one table when both are the same set
+            external = " (prepared with --external: evaluation only)" if manifest.get("external") else ""
+            splits += [tag("h3", f"{manifest['name']}{external}: images per split"),
+                       _counts_table(manifest, _grouping(manifest))]
+    return Section("data", "Data", columns(join([sets, support, left_out]), join(splits)))
+
+
+def _config_value(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else "-" if value is None else str(value)
+
+
+def model(inputs: ReportInputs) -> Section:
+    """The checkpoint, its training configuration and the versions then and now."""
+    from dermcam.evaluate.calibration import describe
+
+    s = inputs.sidecar
+    pre = s.get("preprocessing") or {}
+    size = pre.get("input_size") or []
+    point = s.get("operating_point")
+    facts = [("checkpoint", s.get("id")), ("backbone", s.get("backbone")),
+             ("classes", ", ".join(inputs.classes)),
+             ("input", f"{size[2]}x{size[1]} px (width x height)" if len(size) == 3 else "-"),
+             ("epoch", number(s.get("epoch")) if s.get("epoch") is not None else "-"),
+             ("created", s.get("created", "-")),
+             ("weights sha256", ((s.get("weights") or {}).get("sha256") or s.get("sha256") or "-")[:16]),
+             ("calibration", describe(s.get("calibration"))),
+             ("operating point", f"{point['class']}:{point['metric']}={point['target']:g}, threshold "
+                                 f"{point['threshold']:.3f}" if point else "none")]
+    config = sorted((s.get("config") or {}).items())
+    trained = s.get("versions") or {}
+    names = sorted(set(trained) | set(inputs.versions))
+    versions = table(["library", "trained with", "this report"],
+                     [[n, trained.get(n, "-"), inputs.versions.get(n, "-")] for n in names])
+    settings = (key_values((k, _config_value(v)) for k, v in config) if config
+                else paragraph("not recorded", class_="muted"))
+    return Section("model", "Model, configuration and versions",
+                   columns(join([key_values(facts), tag("h3", "Versions"), versions]),
+                           join([tag("h3", "Training configuration"), settings])))
+
+
+def metrics(inputs: ReportInputs) -> Section:
+    """Per-class recall, precision, F1 and AUC with their 95% intervals."""
+    m, ci = inputs.metrics, inputs.intervals
+    rows = [[c, with_ci(m.get(f"recall_{c}"), ci.get(f"recall_{c}")),
+             with_ci(m.get(f"precision_{c}"), ci.get(f"precision_{c}")), number(m.get(f"f1_{c}")),
+             with_ci(m.get(f"auc_{c}"), ci.get(f"auc_{c}")), m.get(f"support_{c}", 0)] for c in inputs.classes]
+    rows.append([tag("b", "balanced accuracy / macro"), with_ci(m.get("balanced_accuracy"), ci.get("balanced_accuracy")),
+                 "", with_ci(m.get("macro_f1"), ci.get("macro_f1")), with_ci(m.get("auc_macro"), ci.get("auc_macro")),
+                 m["n"]])
+    info = m.get("ci") or {}
+    caption = (f"In brackets: {info.get('level', 0.95):.0%} bootstrap interval over {info.get('resamples')} resamples "
+               f"of {info.get('unit', 'lesion')}s; none where a metric is undefined in too many resamples."
+               if info else "No intervals (evaluated with --resamples 0).")
+    caption += " Balanced accuracy is the mean recall; accuracy alone says little on imbalanced data."
+    return Section("metrics", "Metrics", table(["class", "recall (sensitivity)", "precision", "F1", "AUC", "images"],
+                                               rows, caption))
+
+
+def calibration(inputs: ReportInputs) -> Section | None:
+    """ECE, Brier and NLL of the raw and the reported (calibrated) probabilities, and the diagram."""
+    from dermcam.evaluate.calibration import describe
+
+    cal = inputs.metrics.get("calibration")
+    if not cal:
+        return None
+    raw = cal["raw"]
+    rows = [[name, number(raw[key], 4), number(cal[key], 4) if cal["applied"] else "-"]
+            for name, key in (("ECE (15 bins)", "ece"), ("Brier", "brier"), ("NLL", "nll"))]
+    applied = (f"Calibration applied: {describe(cal)}, fitted on the validation split."
+               if cal["applied"] else "No calibration applied: raw probabilities.")
+    body: list[object] = [paragraph(applied), table(["", "raw", "calibrated (reported)"], rows, "lower is better")]
+    if "reliability.png" in inputs.figures:
+        body.append(figure(inputs.figures["reliability.png"], "reliability diagram",
+                           "Accuracy against confidence in 15 bins; a calibrated model follows the diagonal."))
+    return Section("calibration", "Calibration", *body)
+
+
+def operating_point(inputs: ReportInputs) -> Section | None:
+    """The stored threshold, what it reached on validation and what its decisions score here."""
+    point = inputs.metrics.get("operating_point")
+    if not point:
+        return None
+    intervals = (point.get("ci") or {}).get("intervals") or {}
+    val = point.get("validation") or {}
+    rows = [["validation (where it was chosen)", number(val.get("sensitivity")), number(val.get("specificity")),
+             val.get("positives", "-"), val.get("n", "-")],
+            [f"{inputs.dataset}/{inputs.metrics['split']}", with_ci(point["sensitivity"], intervals.get("sensitivity")),
+             with_ci(point["specificity"], intervals.get("specificity")), point["positives"], point["n"]]]
+    body: list[object] = [
+        paragraph(f"Predict {point['class']} when its calibrated probability is at least {point['threshold']:.3f}, "
+                  f"else the most probable other class; chosen for {point['metric']} {point['target']:g} on the "
+                  "validation split. The headline metrics above stay those of the argmax."),
+        table(["", "sensitivity", "specificity", f"{point['class']} images", "images"], rows)]
+    if "confusion_matrix_operating_point.png" in inputs.figures:
+        body.append(figure(inputs.figures["confusion_matrix_operating_point.png"],
+                           "confusion matrix of the operating point's decisions", "Decisions at the operating point."))
+    return Section("operating-point", "Operating point", *body)
+
+
+def _figure_section(section_id: str, title: str, files: tuple[tuple[str, str], ...],
+                    inputs: ReportInputs) -> Section | None:
+    present = [figure(inputs.figures[name], alt) for name, alt in files if name in inputs.figures]
+    return Section(section_id, title, tag("div", *present, class_="figures")) if present else None
+
+
+def training_curves(inputs: ReportInputs) -> Section | None:
+    return _figure_section("training-curves", "Training curves",
+                           (("curves.png", "training loss and validation metrics per epoch"),), inputs)
+
+
+def confusion_matrix(inputs: ReportInputs) -> Section | None:
+    return _figure_section("confusion-matrix", "Confusion matrix",
+                           (("confusion_matrix.png", "confusion matrix (argmax)"),), inputs)
+
+
+def roc_pr(inputs: ReportInputs) -> Section | None:
+    return _figure_section("roc-pr", "ROC and precision-recall curves",
+                           (("roc.png", "one-vs-rest ROC curves"), ("pr.png", "precision-recall curves")), inputs)
+
+
+def subgroups(inputs: ReportInputs) -> Section:
+    """The headline metrics per sex, age band, site and source; small groups say so instead."""
+    entries = inputs.metrics.get("subgroups") or []
+    if not entries:
+        return Section("subgroups", "Subgroups", paragraph(
+            "The evaluated set records no subgroup (sex, age, anatomical site, source) with at least two values."))
+    keys = ("balanced_accuracy", "macro_f1", "auc_macro", *(f"recall_{c}" for c in inputs.classes))
+    rows = []
+    for entry in entries:
+        name = f"{entry['title']}: {entry['value']}"
+        if "metrics" not in entry:
+            rows.append([name, entry["n"], tag("span", entry.get("note", ""), class_="muted"),
+                         *([""] * (len(keys) - 1))])
+        else:
+            ci = entry.get("ci") or {}
+            rows.append([name, entry["n"], *(with_ci(entry["metrics"].get(k), ci.get(k)) for k in keys)])
+    return Section("subgroups", "Subgroups", table(
+        ["group", "images", "bal. accuracy", "macro F1", "AUC", *(f"{c} recall" for c in inputs.classes)], rows,
+        "A subgroup with too few images shows no numbers: its interval would be too wide to read."))
+
+
+def _case(case: Case) -> Markup:
+    verdict = "correct" if case.correct else f"wrong: true class {case.true}"
+    return tag("div",
+               tag("div", image(case.photo, f"image {case.image_id}"),
+                   image(case.overlay, f"Grad-CAM of {case.answer} for image {case.image_id}"), class_="pair"),
+               paragraph(tag("b", case.answer), f" {case.confidence:.1%} — {verdict}"),
+               paragraph(f"{case.image_id} (lesion {case.lesion_id})", class_="muted"),
+               class_="case" + ("" if case.correct else " error"))
+
+
+def gallery(inputs: ReportInputs) -> Section:
+    """The most confident errors, then a few correct cases: each photo beside its Grad-CAM overlay."""
+    g = inputs.gallery
+    body: list[object] = [paragraph(
+        "Each image as the model saw it (left) and the Grad-CAM of the class it answered (right; the operating "
+        "point's decision when there is one). Grad-CAM shows "
+        "where the model looked, not why, and is no evidence that an answer is right.")]
+    if g.note:
+        body.append(paragraph(g.note, class_="muted"))
+    for title, cases in (("Most confident errors", g.errors), ("Correct cases", g.correct)):
+        if cases:
+            body += [tag("h3", title), tag("div", *(_case(c) for c in cases), class_="gallery")]
+    return Section("gallery", "Gallery", *body)
+
+
+def _subgroup_summary(entries: list[dict[str, Any]]) -> str:
+    """``sex female: balanced accuracy 0.781; ...; 2 subgroups with too few images`` (the table has the rest)."""
+    if not entries:
+        return "not recorded in the evaluated set"
+    measured = [f"{e['title']} {e['value']}: balanced accuracy {number(e['metrics']['balanced_accuracy'])}"
+                for e in entries if "metrics" in e]
+    small = len(entries) - len(measured)
+    return "; ".join(measured + ([f"{small} subgroup(s) with too few images to report"] if small else []))
+
+
+def model_card(inputs: ReportInputs) -> Section:
+    """Intended use, data and results in the shape of a model card (Mitchell et al., 2019), shortened."""
+    m, ci = inputs.metrics, inputs.intervals
+    sidecar = inputs.sidecar
+    training = inputs.training
+    train_counts = (training or {}).get("counts", {}).get("train", {})
+    trained = (f"{inputs.trained_on}: {sum(train_counts.values())} training images "
+               f"({', '.join(f'{c} {n}' for c, n in train_counts.items())}), grouped by lesion; validation split "
+               "for early stopping and calibration" if training else
+               f"{inputs.trained_on or 'unknown'} (not in this store)")
+    items = [
+        ("intended use", INTENDED_USE),
+        ("not intended for", NOT_INTENDED),
+        ("model", f"{sidecar.get('backbone')} fine-tuned for {', '.join(inputs.classes)}"),
+        ("training data", trained),
+        ("evaluation data", f"{inputs.dataset}/{m['split']}, {m['n']} images"
+                            + (" (external validation)" if _external(inputs) else "")),
+        ("results", join(["balanced accuracy", with_ci(m.get("balanced_accuracy"), ci.get("balanced_accuracy"))], " ")),
+        ("subgroup results", _subgroup_summary(m.get("subgroups") or [])),
+        ("caveats", CAVEATS),
+    ]
+    return Section("model-card", "Model card", key_values(items))
+
+
+SECTIONS: tuple[Callable[[ReportInputs], Section | None], ...] = (
+    summary, data, model, metrics, calibration, operating_point, training_curves, confusion_matrix, roc_pr,
+    subgroups, gallery, model_card)
+
+
+def render(inputs: ReportInputs) -> str:
+    """The whole page, its sections in reading order."""
+    subtitle = (f"trained on {inputs.trained_on or 'unknown'} · generated {inputs.generated} · "
+                f"dermcam {inputs.versions.get('dermcam', '?')}")
+    return page(f"dermcam report: {inputs.title}", subtitle,
+                [s for s in (build(inputs) for build in SECTIONS) if s is not None])
