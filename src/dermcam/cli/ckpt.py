@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
@@ -54,26 +53,6 @@ def list_cmd(
     console.print(views.checkpoint_table(rows))
 
 
-def _render_prune(result: dict[str, Any], out: Any = console) -> None:
-    verb = "Would remove" if result["dry_run"] else "Removed"
-    if not result["removed"]:
-        out.print("Nothing to remove: every checkpoint is protected by a keep rule.")
-    else:
-        table = Table(title=f"{verb} {len(result['removed'])} checkpoint(s)", title_justify="left")
-        for name in ("ID", "Monitored", "Size"):
-            table.add_column(name)
-        for row in result["removed"]:
-            table.add_row(row["id"], views.monitor_cell(row["monitor"]), views.human_bytes(row["bytes"]))
-        out.print(table)
-    kept = ", ".join(f"{k['id']} ({'+'.join(dict.fromkeys(k['reasons']))})" for k in result["kept"])
-    out.print(f"Kept {len(result['kept'])}: {kept or 'none'}")
-    if result["active_runs"]:
-        out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
-    freed = views.human_bytes(result["bytes_freed"])
-    out.print(f"{'Would free' if result['dry_run'] else 'Freed'} {freed}."
-              + (" Nothing was changed (dry run)." if result["dry_run"] else ""))
-
-
 @ckpt_app.command("prune")
 @handle_errors
 def prune_cmd(
@@ -102,7 +81,7 @@ def prune_cmd(
     only = None
     if not dry_run and not yes and _interactive():
         preview = prune(dry_run=True, **options)
-        _render_prune(preview, err_console if as_json else console)
+        views.prune_result(preview, err_console if as_json else console)
         if not preview["removed"]:
             return
         if not typer.confirm(f"Delete these {len(preview['removed'])} checkpoint(s)?", default=False, err=True):
@@ -113,7 +92,7 @@ def prune_cmd(
     if as_json:
         print_json(result)
     else:
-        _render_prune(result)
+        views.prune_result(result)
 
 
 @ckpt_app.command("export")

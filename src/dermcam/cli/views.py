@@ -359,3 +359,24 @@ def subgroup_table(subgroups: list[dict[str, Any]], classes: list[str]) -> Table
 def report_path(result: Any) -> None:
     """``dermcam report``: the page's path alone on stdout, so ``xdg-open "$(dermcam report)"`` works."""
     console.print(str(result.path), markup=False, highlight=False, soft_wrap=True)
+
+
+def prune_result(result: dict[str, Any], out: Any = console) -> None:
+    """``dermcam ckpt prune``: what was (or would be) removed and kept, and why."""
+    verb = "Would remove" if result["dry_run"] else "Removed"
+    if not result["removed"]:
+        out.print("Nothing to remove: every checkpoint is protected by a keep rule.")
+    else:
+        table = Table(title=f"{verb} {len(result['removed'])} checkpoint(s)", title_justify="left")
+        for name in ("ID", "Monitored", "Size"):
+            table.add_column(name)
+        for row in result["removed"]:
+            table.add_row(row["id"], monitor_cell(row["monitor"]), human_bytes(row["bytes"]))
+        out.print(table)
+    kept = ", ".join(f"{k['id']} ({'+'.join(dict.fromkeys(k['reasons']))})" for k in result["kept"])
+    out.print(f"Kept {len(result['kept'])}: {kept or 'none'}")
+    if result["active_runs"]:
+        out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
+    freed = human_bytes(result["bytes_freed"])
+    out.print(f"{'Would free' if result['dry_run'] else 'Freed'} {freed}."
+              + (" Nothing was changed (dry run)." if result["dry_run"] else ""))
