@@ -22,6 +22,7 @@ import argparse
 import csv
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,18 @@ def image_file(image_id: str) -> Path:
     return next(LITE.glob(f"HAM10000_images_part_*/{image_id}.jpg"))
 
 
+def write_images(rows: list[dict[str, str]], folder: Path, make: Callable[[Path, Path], object]) -> None:
+    """``make(original, target)`` for every row's image not yet in ``folder`` (a re-run redoes nothing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        target = folder / f"{row['image_id']}.jpg"
+        if not target.exists():
+            make(image_file(row["image_id"]), target)
+
+
 def write_internal(rows: list[dict[str, str]], dest: Path) -> Path:
     """A HAM10000-layout folder of symlinks to the internal images (nothing copied)."""
-    images = dest / "HAM10000_images_part_1"
-    images.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        link = images / f"{row['image_id']}.jpg"
-        if not link.exists():
-            link.symlink_to(image_file(row["image_id"]))
+    write_images(rows, dest / "HAM10000_images_part_1", lambda original, link: link.symlink_to(original))
     with open(dest / "HAM10000_metadata.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -76,12 +81,7 @@ def other_camera(path: Path, out: Path) -> None:
 
 def write_external(rows: list[dict[str, str]], dest: Path) -> Path:
     """The held-out lesions, re-encoded, as a CSV layout: path, diagnosis, lesion, sex, age, site."""
-    images = dest / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        out = images / f"{row['image_id']}.jpg"
-        if not out.exists():
-            other_camera(image_file(row["image_id"]), out)
+    write_images(rows, dest / "images", other_camera)
     with open(dest / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "diagnosis", "lesion", "sex", "age", "localization"])

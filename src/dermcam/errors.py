@@ -42,3 +42,11 @@ class CorruptError(DermcamError):
 
 class LockedError(DermcamError):
     exit_code = ExitCode.LOCKED
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message (or its class name when it has none), at most ``limit``
+    characters: what a one-line error shows of a library's multi-line message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text[:limit] if limit else text

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dermcam.data.geometry import cover_resize
-from dermcam.errors import BadInputError
+from dermcam.errors import BadInputError, first_line
 
 # 64 megapixels: three times the largest dermatoscope photos; anything bigger is refused before it
 # is decoded (a tiny file can claim gigapixels and exhaust memory: a "decompression bomb")
@@ -103,9 +103,9 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read", "unreadable") from exc
     except Image.DecompressionBombError as exc:  # Pillow's own cap, raised while opening
-        raise ImageDecodeError(f"refused as a possible decompression bomb ({_reason(exc)})", "too_large") from exc
+        raise ImageDecodeError(f"refused as a possible decompression bomb ({first_line(exc)})", "too_large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        message = _reason(exc)
+        message = first_line(exc)
         kind = "truncated" if "truncated" in message.lower() else "unreadable"
         raise ImageDecodeError(message, kind) from exc
     return array, note
@@ -127,9 +127,6 @@ def load_image(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise BadInputError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated, unreadable, permission, broken header
-        raise BadInputError(f"{path}: cannot read image ({_reason(exc)})") from None
+        raise BadInputError(f"{path}: cannot read image ({first_line(exc)})") from None
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of Pillow's message (or the exception's name): errors stay one line."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -40,16 +40,12 @@ _BIAS_PENALTY = 1e-3  # softmax ignores a shift of every bias; a little L2 picks
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = BINS) -> float:
     """ECE: the gap between confidence (top-label probability) and accuracy, averaged over ``bins``
     equal-width confidence bins weighted by how many images fall in each."""
-    probs = np.asarray(probs, dtype=np.float64)
     if not len(probs):
         return float("nan")
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(y_true)
-    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # bins are (lo, hi]
-    count = np.bincount(which, minlength=bins)
-    gap = np.abs(np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=confidence,
-                                                                                    minlength=bins))
-    return float(gap.sum() / count.sum())
+    table = reliability_bins(y_true, probs, bins)
+    filled = table["count"] > 0
+    gaps = table["count"][filled] * np.abs(table["accuracy"][filled] - table["confidence"][filled])
+    return float(gaps.sum() / table["count"].sum())
 
 
 def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = BINS) -> dict[str, np.ndarray]:
@@ -58,7 +54,7 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = BINS) ->
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(y_true)
-    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # bins are (lo, hi]
     count = np.bincount(which, minlength=bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"count": count,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from dermcam.errors import BadInputError, CorruptError
+from dermcam.errors import BadInputError, CorruptError, first_line
 from dermcam.progress import Progress
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
     try:
         return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
     except RuntimeError as exc:  # e.g. an unknown pretrained tag after the dot
-        raise BadInputError(f"cannot build backbone '{backbone}': {str(exc).splitlines()[0]}") from None
+        raise BadInputError(f"cannot build backbone '{backbone}': {first_line(exc)}") from None
 
 
 def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], backbone: str,
@@ -71,7 +71,7 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], backb
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CorruptError(f"{source} does not fit backbone {backbone}: {str(exc).splitlines()[0]}") from None
+        raise CorruptError(f"{source} does not fit backbone {backbone}: {first_line(exc)}") from None
     return model.eval()
 
 

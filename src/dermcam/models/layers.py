@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dermcam.errors import BadInputError, NotFoundError
+from dermcam.errors import BadInputError, NotFoundError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ def _last_spatial_module(model: torch.nn.Module) -> str:
             model(probe)
     except Exception as exc:  # any model-specific failure means: we cannot find it this way
         raise NotFoundError(f"cannot find a Grad-CAM layer for {type(model).__name__}: a probe forward "
-                            f"pass failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                            f"pass failed ({first_line(exc)}); "
                             "name one explicitly") from None
     finally:
         model.train(was_training)

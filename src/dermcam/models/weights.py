@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from dermcam.errors import BadInputError, CorruptError, NotFoundError
+from dermcam.errors import BadInputError, CorruptError, NotFoundError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -76,12 +76,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
-            raise BadInputError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
+            raise BadInputError(f"{path} is not a readable .safetensors file ({first_line(exc, 200)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickled objects, RuntimeError/EOFError for garbage
         raise BadInputError(f"{path} is not a plain tensor state dict that loads with weights_only=True "
-                            f"({_first_line(exc)})") from None
+                            f"({first_line(exc, 200)})") from None
     return _as_state_dict(obj, path)
 
 
@@ -98,11 +98,6 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
         raise BadInputError(f"{path} does not hold a state dict (a non-empty mapping of names to tensors)")
     return dict(obj)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
@@ -313,7 +308,7 @@ def hf_download_weights(model: torch.nn.Module) -> Path:
         except EntryNotFoundError:
             continue
         except Exception as exc:  # network drop, auth, gated repo: all end the same way for the user
-            raise NotFoundError(f"could not download {repo_id}/{filename} from the hub ({_first_line(exc)})"
+            raise NotFoundError(f"could not download {repo_id}/{filename} from the hub ({first_line(exc, 200)})"
                                 ) from None
     raise NotFoundError(f"{repo_id} on the hub has none of {', '.join(filenames)}")
 

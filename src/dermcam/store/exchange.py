@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
+from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError, first_line
 from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, save_checkpoint, versions
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
@@ -351,7 +351,7 @@ def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Mo
     except DermcamError as exc:
         raise BadInputError(f"{path}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{path}: backbone '{backbone}' cannot be built here ({str(exc).splitlines()[0]}); "
+        raise BadInputError(f"{path}: backbone '{backbone}' cannot be built here ({first_line(exc)}); "
                             "a newer timm may be needed") from None
 
 
@@ -373,7 +373,7 @@ def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptError(f"{path} is damaged: {str(exc).splitlines()[0]}") from None
+        raise CorruptError(f"{path} is damaged: {first_line(exc)}") from None
     if tensor_digest(tensors) != meta["tensors_sha256"]:
         raise CorruptError(f"{path}: the weights do not match the digest in its metadata (damaged or modified)")
     model = load_strict(model, tensors, meta["backbone"], str(path))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dermcam.errors import BadInputError
+from dermcam.errors import BadInputError, first_line
 from dermcam.progress import Progress
 from dermcam.train import distributed
 from dermcam.train.config import TrainConfig, TrainResult, expand_grid, load_experiments, monitor_mode
@@ -63,7 +63,7 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
     from dermcam.store.runs import update_run
 
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = first_line(exc)
     with contextlib.suppress(Exception):  # never hide the original error behind a second one
         update_run(run_dir, status=status, error=message)
 

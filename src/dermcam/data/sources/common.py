@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from dermcam.data.problems import Problem
-from dermcam.errors import BadInputError
+from dermcam.errors import BadInputError, first_line
 
 # The normalised table: ``source`` is the image path relative to the source folder, or empty when the
 # file is found by its stem (``image_id``) among ``SourceTable.files``.
@@ -82,12 +82,6 @@ def blank_missing(column: pd.Series) -> pd.Series:
     lesion_id says "NaN" would be one giant lesion, forced into a single split.
     """
     return column.where(~column.str.strip().str.lower().isin(MISSING_VALUES), "")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a parser message (or the exception's name): errors stay one line."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def read_bytes(path: Path) -> bytes:
