@@ -26,7 +26,8 @@ app = typer.Typer(
 )
 
 # Command modules, registered in this order; each defines ``register(app)``.
-COMMAND_MODULES: list[str] = ["data", "train", "evaluate", "calibrate", "report", "ckpt", "explain", "demo"]
+COMMAND_MODULES: list[str] = ["data", "train", "evaluate", "calibrate", "report", "ckpt", "ensemble", "explain",
+                              "demo"]
 
 
 def _version_callback(value: bool) -> None:

@@ -65,19 +65,21 @@ def prune_cmd(
                                      help="Keep each run's resume point (default). Runs training right now keep "
                                           "their latest and best regardless."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; change nothing."),
+    force: bool = typer.Option(False, "--force", help="Also delete members of ensembles (those ensembles stop "
+                                                      "loading); without it they are kept and listed."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Delete checkpoints that no keep rule protects (weights, training state and sidecar).
 
-    Kept: the N best by the monitored metric in their sidecars, each run's resume point, its last M.
-    A run that is training right now always keeps its latest and its best checkpoint.
+    Kept: the N best by the monitored metric in their sidecars, each run's resume point, its last M,
+    and every member of an ensemble (unless --force). A run that is training right now always keeps its latest and its best checkpoint.
     Asks before deleting when run from a terminal, unless --yes.
     """
     from dermcam.store.manage import prune
 
     options = {"keep_best": keep_best, "keep_last": keep_last, "run": run, "global_rank": global_rank,
-               "keep_latest": keep_latest}
+               "keep_latest": keep_latest, "force": force}
     only = None
     if not dry_run and not yes and _interactive():
         preview = prune(dry_run=True, **options)

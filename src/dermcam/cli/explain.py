@@ -18,8 +18,9 @@ from dermcam.progress import rich_progress
 def explain_command(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", metavar="ID|FILE",
-                                             help="Checkpoint id (RUN:EPOCH), run id, 'best', 'latest' or a "
-                                                  ".safetensors / exported file (default: best in the store)."),
+                                             help="Checkpoint id (RUN:EPOCH), run id, 'best', 'latest', an "
+                                                  "ensemble (ensemble:NAME) or a .safetensors / exported file "
+                                                  "(default: best in the store)."),
     out: Path = typer.Option(Path("dermcam-explain"), "--out", "-o", help="Folder for overlays and sidecars."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look into sub-folders of folders."),
     method: str = typer.Option("gradcam", "--method", metavar="|".join(METHODS),
@@ -36,6 +37,8 @@ def explain_command(
     score: bool = typer.Option(False, "--score", help="Measure map faithfulness: deletion / insertion AUC "
                                                       "(about 40 extra forward passes per image)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N. Maps are computed in fp32."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward/backward pass."),
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -43,6 +46,9 @@ def explain_command(
 
     Per image, into --out: NAME.cam.png (the overlay, at the photo's own size) and NAME.json
     (checkpoint, method, layer, probabilities).
+
+    With an ensemble the prediction is the ensemble's and the map is the mean of its members' maps for
+    the ensemble's decision (each at its own default layer); NAME.json lists the members.
 
     Probabilities are calibrated when the checkpoint is; with an operating point each image also
     shows its decision ("mel: above threshold 0.231"), and the overlay explains the decided class.
@@ -54,7 +60,7 @@ def explain_command(
     with rich_progress(enabled=not json_out) as progress:
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
                          target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
-                         calibrated=not no_calibration, progress=progress)
+                         calibrated=not no_calibration, device=device, batch_size=batch_size, progress=progress)
     if csv_path is not None:
         write_csv(report, csv_path)
     if json_out:

@@ -375,8 +375,85 @@ def prune_result(result: dict[str, Any], out: Any = console) -> None:
         out.print(table)
     kept = ", ".join(f"{k['id']} ({'+'.join(dict.fromkeys(k['reasons']))})" for k in result["kept"])
     out.print(f"Kept {len(result['kept'])}: {kept or 'none'}")
+    for gone in result.get("ensemble_members_removed", []):
+        out.print(f"[yellow]{'Would remove' if result['dry_run'] else 'Removed'} {gone['id']}, a member of ensemble "
+                  f"{', '.join(gone['ensembles'])}[/] (--force): that ensemble will no longer load.", highlight=False)
     if result["active_runs"]:
         out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
     freed = human_bytes(result["bytes_freed"])
     out.print(f"{'Would free' if result['dry_run'] else 'Freed'} {freed}."
               + (" Nothing was changed (dry run)." if result["dry_run"] else ""))
+
+
+def _members_cell(members: list[dict[str, Any]]) -> str:
+    """``a1b2c3:7 (0.50) + d4e5f6:9 (0.50)``."""
+    return " + ".join(f"{m['id']} ({m['weight']:.2f})" for m in members)
+
+
+def ensemble_created(result: Any) -> None:
+    """``dermcam ensemble create``: the members kept, how they were chosen, the validation score."""
+    from dermcam.evaluate.metrics import format_value
+
+    selection = result.selection
+    total = sum(m["weight"] for m in result.members)
+    members = [{"id": m["id"], "weight": m["weight"] / total} for m in result.members]
+    console.print(f"Created ensemble [bold]{result.name}[/]: {_members_cell(members)}", highlight=False)
+    if selection.get("method") == "greedy":
+        single = selection["best_single"]
+        console.print(f"Greedy selection on val from {len(selection['candidates'])} candidates: balanced accuracy "
+                      f"{selection['score']:.3f} (best single {single['id']}: {single['score']:.3f})", highlight=False)
+    if result.val_metrics:
+        m = result.val_metrics
+        console.print("Validation split: " + "  ".join(
+            f"{label} {format_value(m.get(key))}" for label, key in
+            (("bal.acc", "balanced_accuracy"), ("macro F1", "macro_f1"), ("mel recall", "recall_mel"),
+             ("AUC", "auc_macro")) if key in m), highlight=False)
+    if result.operating_point:
+        point, val = result.operating_point, result.operating_point["validation"]
+        console.print(f"Operating point {point['class']}:{point['metric']}={point['target']:g}: threshold "
+                      f"{point['threshold']:.3f} (val sensitivity {val['sensitivity']:.3f}, specificity "
+                      f"{val['specificity']:.3f})", highlight=False)
+    console.print(f"Evaluate it on the test split with: dermcam evaluate ensemble:{result.name}", highlight=False)
+
+
+def ensemble_table(listing: dict[str, Any]) -> None:
+    """``dermcam ensemble list``."""
+    from dermcam.evaluate.metrics import format_value
+
+    table = Table(title="Ensembles", title_justify="left")
+    for column in ("name", "members (weight)", "data set", "val bal.acc", "operating point", "status"):
+        table.add_column(column)
+    for e in listing["ensembles"]:
+        point = e["operating_point"]
+        table.add_row(e["name"], _members_cell(e["members"]), e["dataset"] or "-",
+                      format_value((e["val_metrics"] or {}).get("balanced_accuracy")),
+                      f"{point['class']}:{point['metric']}={point['target']:g}" if point else "-",
+                      "ok" if e["problem"] is None else f"[red]{e['problem']}[/]")
+    console.print(table)
+    for d in listing["damaged"]:
+        console.print(f"[red]damaged[/] {d['problem']}", highlight=False, soft_wrap=True)
+
+
+def ensemble_details(info: dict[str, Any]) -> None:
+    """``dermcam ensemble show``."""
+    from dermcam.evaluate.metrics import format_value
+
+    console.print(f"[bold]{info['id']}[/] ({info['rule']}), classes {', '.join(info['classes'])}, "
+                  f"data set {info['dataset'] or '-'}, created {info['created']}", highlight=False)
+    table = Table(box=box.SIMPLE)
+    for column in ("member", "backbone", "weight", "input", "calibration", "monitored"):
+        table.add_column(column)
+    for m in info["members"]:
+        size = m["input_size"]
+        table.add_row(m["id"], m["backbone"], f"{m['weight']:.3f}", f"{size[2]}x{size[1]}", m["calibration"] or "none",
+                      monitor_cell(m["monitor"] or {}))
+    console.print(table)
+    if info["val_metrics"]:
+        console.print("Validation: " + "  ".join(f"{k} {format_value(v)}" for k, v in info["val_metrics"].items()),
+                      highlight=False)
+    if info["operating_point"]:
+        point = info["operating_point"]
+        console.print(f"Operating point {point['class']}:{point['metric']}={point['target']:g}, threshold "
+                      f"{point['threshold']:.3f}", highlight=False)
+    if info["problem"]:
+        console.print(f"[red]Does not load:[/] {info['problem']}", highlight=False, soft_wrap=True)

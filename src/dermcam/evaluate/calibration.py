@@ -29,6 +29,7 @@ import numpy as np
 from dermcam.errors import CorruptError
 from dermcam.store.schema import BIAS_LIMIT, TEMPERATURE_RANGE
 
+MEMBERS = "members"  # an ensemble's: each member's calibration is applied inside it, nothing after
 BINS = 15  # ECE: equal-width bins of top-label confidence, as in Guo et al.
 _FLOOR = 1e-30  # log(0) guard: a probability that underflowed in float32 stays (nearly) zero
 _BIAS_PENALTY = 1e-3  # softmax ignores a shift of every bias; a little L2 picks the centred one
@@ -108,7 +109,7 @@ def apply(probs: np.ndarray, sidecar: Mapping[str, Any]) -> np.ndarray:
     """
     calibration = sidecar.get("calibration")
     probs = np.asarray(probs, dtype=np.float64)
-    if not calibration:
+    if not calibration or calibration.get("method") == MEMBERS:
         return probs
     for key in ("scale", "bias"):
         if calibration.get(key) is not None and len(calibration[key]) != probs.shape[1]:
@@ -121,6 +122,8 @@ def describe(calibration: Mapping[str, Any] | None) -> str:
     """``temperature 1.83`` / ``vector scaling (temperature 1.83)`` / ``none``."""
     if not calibration:
         return "none"
+    if calibration.get("method") == MEMBERS:
+        return "each member's own, before the mean"
     temperature = f"temperature {calibration['temperature']:.3g}"
     return f"vector scaling ({temperature})" if calibration["method"] == "vector" else temperature
 

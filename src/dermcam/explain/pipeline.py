@@ -167,9 +167,13 @@ def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | No
 
 
 def checkpoint_identity(sidecar: dict[str, Any]) -> dict[str, Any]:
-    """What identifies the weights: store id (or exported file name), sha256 of the weights file, backbone."""
+    """What identifies the weights: store id (or exported file name), sha256 of the weights file, backbone;
+    for an ensemble also its members (id, sha256, backbone, weight)."""
     sha = sidecar.get("sha256") or (sidecar.get("weights") or {}).get("sha256")
-    return {"id": sidecar.get("id"), "sha256": sha, "backbone": sidecar.get("backbone")}
+    identity = {"id": sidecar.get("id"), "sha256": sha, "backbone": sidecar.get("backbone")}
+    if sidecar.get("members"):
+        identity["members"] = sidecar["members"]
+    return identity
 
 
 @dataclass
@@ -232,7 +236,7 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
 
 def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: ExplainReport,
                    sidecar: dict[str, Any], target: int | None, cam: bool, save_npy: bool, score: bool,
-                   reshape_transform: Any, calibrated: bool) -> None:
+                   reshape_transform: Any, calibrated: bool, member_layers: list[str] | None = None) -> None:
     """Probabilities first (calibrated, through the one path every command shares), then the maps of
     each image's decision (or of ``target``): with an operating point the decision may not be the
     argmax, and the overlay must explain what the model answered."""
@@ -249,11 +253,17 @@ def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: Explain
     targets = [int(d) if target is None else target for d in outputs.decisions]
     maps: np.ndarray | list[None] = [None] * len(batch)
     scores: list[dict[str, float] | None] = [None] * len(batch)
-    if cam:
+    if cam and member_layers is not None:  # an ensemble: its members' maps, averaged
+        from dermcam.explain.ensemble import ensemble_cam
+
+        assert report.method is not None
+        maps = ensemble_cam(model, x, report.method, targets, member_layers, tta=report.tta)
+    elif cam:
         assert report.method is not None
         maps = compute_cam(model, x, report.method, target_layer=report.layer, target=targets,
                            tta=report.tta, reshape_transform=reshape_transform).maps
-        if score:
+    if cam:
+        if score:  # the model's own forward: for an ensemble, the ensemble's probabilities
             measured = faithfulness(model, x, maps, targets)
             scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
                       for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
@@ -266,8 +276,8 @@ def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: Explain
 def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None,
             out_dir: Path = Path("dermcam-explain"), recursive: bool = False, method: str = "gradcam",
             target: str | int | None = None, layer: str | None = None, tta: bool = False, cam: bool = True,
-            save_npy: bool = False, score: bool = False, calibrated: bool = True,
-            progress: Progress | None = None) -> ExplainReport:
+            save_npy: bool = False, score: bool = False, calibrated: bool = True, device: str = "auto",
+            batch_size: int = BATCH_SIZE, progress: Progress | None = None) -> ExplainReport:
     """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
     and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
 
@@ -277,6 +287,8 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     ``score``: add deletion/insertion AUC (costs ~40 extra forwards per image).
     ``calibrated``: calibrated probabilities and the operating point's decisions when the checkpoint
     has them (False: the raw softmax and argmax), exactly as ``evaluate`` reports them.
+    ``device``: where the model runs (auto: CUDA when present); maps and scores are computed in fp32
+    (``explain.cam`` turns autocast off). ``batch_size``: images per forward/backward pass.
     Bad images become :class:`ExplainFailure` entries; everything else raises.
     """
     from dermcam.explain.cam import resolve_layer
@@ -288,11 +300,23 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
         raise BadInputError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     if score and not cam:
         raise BadInputError("--score measures the CAM, so it cannot be combined with --no-cam")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError("--batch-size must be a whole number of 1 or more")
+
     images, failures = collect_images([Path(p) for p in paths], recursive)
-    model, sidecar = load_for_inference(checkpoint)
+    model, sidecar = load_for_inference(checkpoint, calibrated=calibrated)  # imports torch (start-up, see docstring)
+    from dermcam.models.device import select_device
+
+    model.to(select_device(device))  # before any image is read
     classes = list(sidecar["classes"])
     target_index = resolve_target(target, classes)
-    if cam:
+    member_layers = None
+    if cam and sidecar.get("kind") == "ensemble":
+        from dermcam.explain.ensemble import member_layers as layers_of
+
+        member_layers = layers_of(model, layer)
+        layer = "; ".join(f"{m['id']}: {name}" for m, name in zip(sidecar["members"], member_layers))
+    elif cam:
         layer = layer or find_target_layer(model)
         resolve_layer(model, layer)  # a wrong --layer fails now, not once per image
     report = ExplainReport(checkpoint=checkpoint_identity(sidecar), classes=classes,
@@ -301,7 +325,7 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
                            inputs=[f.image for f in failures] + [p for p, _ in images],
                            calibration=_applied(sidecar, calibrated),
                            operating_point=_operating_point(sidecar, calibrated))
-    reshape_transform = reshape_transform_for(model) if cam else None
+    reshape_transform = reshape_transform_for(model) if cam and member_layers is None else None
     progress = progress or Progress()
     progress.start("explain", total=len(images))
     batch: list[_Loaded] = []
@@ -311,9 +335,9 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
         except DermcamError as exc:
             report.failures.append(ExplainFailure(source, str(exc)))
             progress.advance()
-        if len(batch) == BATCH_SIZE or (i == len(images) - 1 and batch):
+        if len(batch) == batch_size or (i == len(images) - 1 and batch):
             _explain_batch(model, batch, report, sidecar, target_index, cam, save_npy, score, reshape_transform,
-                           calibrated)
+                           calibrated, member_layers)
             progress.advance(len(batch))
             batch = []
     progress.finish()

@@ -380,8 +380,9 @@ def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
     return ExportedFile(path, meta, tensors, sha256_file(path)), model
 
 
-def load_exported(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, sidecar-like dict) for an exported file; what inference commands call."""
+def load_exported(path: Path, *, calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, sidecar-like dict) for an exported file; what inference commands call.
+    ``calibrated`` matters only for an exported ensemble (whose members calibrate inside the model)."""
     exported, model = read_exported(path)
     return model, exported.info()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermcam.store.checkpoint import Checkpoint
+from dermcam.store.ensembles import Ensemble
 from dermcam.store.references import resolve
 
 if TYPE_CHECKING:
@@ -20,18 +21,38 @@ def model_from_checkpoint(ckpt: Checkpoint, verify: bool = True) -> torch.nn.Mod
                               f"checkpoint {ckpt.id}")
 
 
-def load_for_inference(ref: str | Path | None = None, root: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, sidecar) for a store checkpoint or a self-contained exported file.
+def load_for_inference(ref: str | Path | None = None, root: Path | None = None, *,
+                       calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, sidecar) for a store checkpoint, an ensemble or a self-contained exported file.
 
     torch and timm are imported first, through :func:`dermcam.models.backbones.import_timm`: this is
     where evaluate and explain first need them, and that import is most of their start-up.
+    For an ensemble the sidecar is :func:`dermcam.store.ensembles.scoring_document` and ``calibrated``
+    says whether its members apply their calibrations (``--no-calibration``: the mean of raw softmaxes).
     """
     from dermcam.models.backbones import import_timm
+    from dermcam.store.ensembles import ensemble_name, read_ensemble
 
     import_timm()
+    name = ensemble_name(ref, root)
+    if name is not None:
+        return load_ensemble(read_ensemble(name, root), root, calibrated=calibrated)
     if ref is not None and Path(str(ref)).is_file() and not Path(str(ref)).with_suffix(".json").is_file():
         from dermcam.store.exchange import load_exported
 
-        return load_exported(Path(str(ref)))
+        return load_exported(Path(str(ref)), calibrated=calibrated)
     ckpt = resolve(ref, root)
     return model_from_checkpoint(ckpt), ckpt.sidecar
+
+
+def load_ensemble(ensemble: Ensemble, root: Path | None = None, *,
+                  calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An :class:`~dermcam.models.ensemble.EnsembleModel` of the manifest's members, each checked
+    against the manifest (present, same sha256, weights intact) before anything is scored."""
+    from dermcam.models.ensemble import EnsembleModel, MemberSpec
+    from dermcam.store.ensembles import member_checkpoints, scoring_document
+
+    ckpts = member_checkpoints(ensemble, root)
+    models = [model_from_checkpoint(c) for c in ckpts]
+    specs = [MemberSpec(m["preprocessing"], m.get("calibration"), m["weight"]) for m in ensemble.manifest["members"]]
+    return EnsembleModel(models, specs, calibrated=calibrated).eval(), scoring_document(ensemble)

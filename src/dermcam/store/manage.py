@@ -243,9 +243,13 @@ def delete_checkpoint(ckpt: Checkpoint) -> int:
 
 
 def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_rank: bool = False,
-          keep_latest: bool = True, dry_run: bool = False, only: set[str] | None = None,
+          keep_latest: bool = True, dry_run: bool = False, only: set[str] | None = None, force: bool = False,
           root: Path | None = None) -> dict[str, Any]:
     """Delete every checkpoint that no keep rule protects; see :func:`plan_prune` for the rules.
+
+    Members of an ensemble are kept (reason ``ensemble NAME``) unless ``force``; then they go and the
+    result lists them under ``ensemble_members_removed``, since those ensembles will no longer load.
+    A damaged ensemble manifest cannot say what it needs, so prune refuses (exit 4) unless ``force``.
 
     The plan is computed and carried out under the exclusive store lock, from the sidecars as they
     are at that moment. ``only`` restricts deletion to ids the user already confirmed (a checkpoint
@@ -264,8 +268,14 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
         for ckpt in ckpts:
             by_run.setdefault(ckpt.run_id, []).append(ckpt)
         active = [r for r in by_run if run_is_active(r, root)]
+        in_use = _ensemble_members(force, root)
         plan = plan_prune(by_run, keep_best=keep_best, keep_last=keep_last, global_rank=global_rank,
                           keep_latest=keep_latest, active=active)
+        if not force:
+            for ckpt in ckpts:
+                for name in in_use.get(ckpt.id, []):
+                    plan.mark([ckpt], f"ensemble {name}")
+            plan.delete = [c for c in plan.delete if c.id not in plan.keep]
         doomed = [c for c in plan.delete if only is None or c.id in only]
         removed = []
         for ckpt in doomed:
@@ -279,9 +289,22 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
     # Damaged sidecars and runs are never deleted (nor followed): the user decides, see ckpt verify.
     kept = [{"id": c.id, "reasons": plan.keep[c.id]} for c in ckpts if c.id in plan.keep]
     kept += [{"id": d.id, "reasons": ["damaged"]} for d in damaged]
+    members_removed = [{"id": r["id"], "ensembles": in_use[r["id"]]} for r in removed if r["id"] in in_use]
     return {"dry_run": dry_run, "removed": removed, "kept": kept, "active_runs": active,
+            "ensemble_members_removed": members_removed,
             "bytes_freed": sum(r["bytes"] for r in removed),
             "damaged": [{"id": d.id, "path": str(d.path), "problem": d.problem} for d in damaged]}
+
+
+def _ensemble_members(force: bool, root: Path | None) -> dict[str, list[str]]:
+    """Checkpoint id -> ensembles naming it; a damaged manifest stops a prune that is not forced."""
+    from dermcam.store.ensembles import members_in_use, scan_ensembles
+
+    damaged = scan_ensembles(root)[1]
+    if damaged and not force:
+        raise CorruptError(f"{damaged[0].problem}; prune cannot tell which checkpoints that ensemble needs. "
+                           "Remove it (dermcam ensemble rm NAME) or prune with --force")
+    return members_in_use(root)
 
 
 def _clear_dangling_pointers(ckpts: Iterable[Checkpoint], removed: set[str]) -> None:

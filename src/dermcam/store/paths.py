@@ -4,6 +4,7 @@ Layout under the store root::
 
     datasets/<name>/        prepared data sets (see dermcam.data)
     runs/<run_id>/          training runs and their checkpoints (see dermcam.store.checkpoint)
+    ensembles/<name>.json   ensembles: manifests naming member checkpoints (see dermcam.store.ensembles)
     locks/                  advisory lock files (see dermcam.store.locks)
 """
 
@@ -35,6 +36,10 @@ def datasets_dir(root: Path | None = None) -> Path:
 
 def runs_dir(root: Path | None = None) -> Path:
     return (root or home()) / "runs"
+
+
+def ensembles_dir(root: Path | None = None) -> Path:
+    return (root or home()) / "ensembles"
 
 
 def contained(base: Path, name: object, what: str, error: type[DermcamError] = CorruptError) -> Path:

@@ -1,0 +1,94 @@
+"""Several trained models answering as one: the mean of their calibrated probabilities.
+
+An :class:`EnsembleModel` takes the image *as the cache holds it* (float in [0, 1] at the members'
+shared cache size) and gives every member exactly the input it would get on its own: resized to its
+own input size and normalised with its own mean and std (:func:`dermcam.data.geometry.batch_input`
+does the same two steps). Each member's softmax is calibrated with the member's own calibration,
+then the probabilities are averaged with the ensemble's weights.
+
+It returns ``log p`` of the averaged probabilities, so that everything built for one model (softmax,
+TTA averaging, faithfulness scores, ONNX export) gets ``p`` back from ``softmax(log p)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LOG_FLOOR = 1e-30  # log(0) guard, as in dermcam.evaluate.calibration
+
+def calibration_terms(calibration: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias) such that calibrated = softmax(scale * log p + bias): one per class for vector
+    scaling, 1/T and 0 (broadcast over the classes) for a temperature, (1, 0) without a calibration.
+    The torch twin of :func:`dermcam.evaluate.calibration.rescale`."""
+    if not calibration:
+        return torch.ones(1), torch.zeros(1)
+    if calibration.get("method") == "vector":
+        return (torch.tensor(calibration["scale"], dtype=torch.float32),
+                torch.tensor(calibration["bias"], dtype=torch.float32))
+    return torch.tensor([1.0 / float(calibration["temperature"])]), torch.zeros(1)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What the ensemble needs to know about one member besides its weights."""
+
+    preprocessing: Mapping[str, Any]
+    calibration: Mapping[str, Any] | None
+    weight: float
+
+
+class Member(torch.nn.Module):
+    """One member: its own resize + normalisation in front, its own calibration behind."""
+
+    def __init__(self, model: torch.nn.Module, spec: MemberSpec, calibrated: bool) -> None:
+        super().__init__()
+        self.model = model
+        _, height, width = (int(v) for v in spec.preprocessing["input_size"])
+        self.size = (height, width)
+        self.register_buffer("mean", torch.tensor(spec.preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.calibrated = bool(calibrated and spec.calibration)
+        scale, bias = calibration_terms(spec.calibration if self.calibrated else None)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The cache image (N, 3, H, W) in [0, 1] -> this member's normalised input, as batch_input makes it."""
+        from dermcam.data.geometry import resize
+
+        return (resize(x, self.size) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.model(self.model_input(x)).float().softmax(1)
+        if self.calibrated:
+            probs = (probs.clamp_min(LOG_FLOOR).log() * self.scale + self.bias).softmax(1)
+        return probs
+
+
+class EnsembleModel(torch.nn.Module):
+    """Members (each a :class:`Member`) combined by the weighted mean of their (calibrated) probabilities.
+
+    ``forward`` returns log-probabilities (see the module docstring); :meth:`member_inputs` gives each
+    member's own input, which explain uses to compute each member's map at its own target layer.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], specs: Sequence[MemberSpec], *,
+                 calibrated: bool = True) -> None:
+        super().__init__()
+        if len(models) != len(specs) or not models:
+            raise ValueError("an ensemble needs one spec per member and at least one member")
+        self.members = torch.nn.ModuleList(Member(m, spec, calibrated) for m, spec in zip(models, specs))
+        weights = torch.tensor([float(spec.weight) for spec in specs], dtype=torch.float32)
+        self.register_buffer("weights", weights / weights.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = sum(w * member.probabilities(x) for w, member in zip(self.weights, self.members))
+        assert isinstance(total, torch.Tensor)
+        return total.clamp_min(LOG_FLOOR).log()
+
+    def member_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [member.model_input(x) for member in self.members]
