@@ -39,6 +39,7 @@ class Selection:
     score: float  # SCORE_METRIC of the chosen combination on validation
     best_single: tuple[str, float]  # the best candidate alone and its score
     history: list[float] = field(default_factory=list)  # score after each greedy round
+    singles: list[float] = field(default_factory=list)  # each candidate's own score
 
     @property
     def members(self) -> list[tuple[str, int]]:
@@ -48,7 +49,7 @@ class Selection:
         return {"metric": SCORE_METRIC, "split": "val", "score": round(self.score, 6),
                 "candidates": self.candidates, "counts": self.counts,
                 "best_single": {"id": self.best_single[0], "score": round(self.best_single[1], 6)},
-                "history": [round(h, 6) for h in self.history]}
+                "history": [round(h, 6) for h in self.history], "singles": [round(v, 6) for v in self.singles]}
 
 
 def _score(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -84,7 +85,8 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
         history.append(trials[pick][0])
         if trials[pick] > best:
             best, best_counts = trials[pick], counts.copy()
-    return Selection(list(ids), [int(c) for c in best_counts], best[0], (ids[start], singles[start][0]), history)
+    return Selection(list(ids), [int(c) for c in best_counts], best[0], (ids[start], singles[start][0]), history,
+                     [s[0] for s in singles])
 
 
 def top_checkpoints(k: int, dataset: str | None = None, root: Path | None = None) -> list[Checkpoint]:
@@ -169,6 +171,31 @@ def select_members(ckpts: list[Checkpoint], *, dataset: str | None = None, devic
     split = _validation(ckpts, dataset, root)
     probs = member_probabilities(ckpts, split, device=device, batch_size=batch_size, progress=progress)
     return greedy_select(probs, split.y_true, [c.id for c in ckpts], rounds)
+
+
+def offer_ensemble(checkpoint_ids: list[str], *, device: str = "auto", batch_size: int = 64,
+                   root: Path | None = None, progress: Progress | None = None) -> Selection | None:
+    """The best ensemble of the runs a training comparison just made (their best checkpoints), by
+    greedy selection on validation; None when fewer than two of them can be combined (other data
+    sets, classes or caches than the first)."""
+    from dermcam.store.ensembles import check_members
+    from dermcam.store.references import resolve
+
+    ckpts = [resolve(i, root) for i in dict.fromkeys(checkpoint_ids)]
+    if not ckpts:
+        return None
+    first = ckpts[0]
+    combinable = []
+    for ckpt in ckpts:
+        try:
+            check_members([first, ckpt] if ckpt is not first else [first])
+        except BadInputError:
+            continue
+        if ckpt.rank_group == first.rank_group:
+            combinable.append(ckpt)
+    if len(combinable) < 2:
+        return None
+    return select_members(combinable, device=device, batch_size=batch_size, root=root, progress=progress)
 
 
 def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None = None,

@@ -50,3 +50,14 @@ def ensemble_cam(model: EnsembleModel, x: torch.Tensor, method: str, targets: li
     low = maps.min(axis=(1, 2), keepdims=True)
     span = maps.max(axis=(1, 2), keepdims=True) - low
     return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+
+
+def maps_for(model: torch.nn.Module, x: torch.Tensor, method: str, targets: list[int]) -> np.ndarray:
+    """(B, H, W) maps of ``targets`` at each model's default layer: an ensemble's mean map, or one
+    model's own (what the report's gallery shows, as ``dermcam explain`` would)."""
+    from dermcam.explain.methods import compute_cam
+    from dermcam.models.ensemble import EnsembleModel
+
+    if isinstance(model, EnsembleModel):
+        return ensemble_cam(model, x, method, targets, member_layers(model, None))
+    return compute_cam(model, x, method, target=targets).maps

@@ -106,19 +106,21 @@ def report(ref: str | Path | None = None, *, dataset: str | None = None, split: 
     """
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.evaluate.report import plot_curves
+    from dermcam.store.ensembles import ensemble_name, manifest_path
     from dermcam.store.exchange import is_exported_file
     from dermcam.store.inference import load_for_inference
     from dermcam.store.references import resolve
     from dermcam.store.runs import read_metrics, read_run
 
-    ckpt = None if ref is not None and is_exported_file(ref) else resolve(ref, root)
+    ensemble = ensemble_name(ref, root)
+    ckpt = None if ensemble is not None or (ref is not None and is_exported_file(ref)) else resolve(ref, root)
     model, sidecar = load_for_inference(ckpt.sidecar_path if ckpt else ref, root)
     name = dataset or (sidecar.get("dataset") or {}).get("name")
     if out_dir is None:
         own = ckpt is not None and split == "test" and name == (sidecar.get("dataset") or {}).get("name")
         out_dir = ckpt.run_dir / "report" if own and read_run(ckpt.run_dir).get("best") == ckpt.id else DEFAULT_OUT
     out_dir = Path(out_dir)
-    sources = [ckpt.sidecar_path if ckpt else Path(str(ref))]
+    sources = [ckpt.sidecar_path if ckpt else manifest_path(ensemble, root) if ensemble else Path(str(ref))]
     evaluated = reevaluate or not _is_current(out_dir, sidecar, name, split, sources, root)
     warnings: list[str] = []
     if evaluated:

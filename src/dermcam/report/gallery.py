@@ -110,7 +110,7 @@ def build_gallery(predictions: pd.DataFrame, data: Any, split: str, model: torch
     ``data``) with their photos and overlays; a CAM that cannot be computed for this model (no spatial
     layer) leaves the gallery empty with a note rather than failing the report."""
     from dermcam.data.geometry import batch_input
-    from dermcam.explain.methods import compute_cam
+    from dermcam.explain.ensemble import maps_for
 
     classes = list(sidecar["classes"])
     error_rows, correct_rows = choose_cases(predictions, classes, errors, correct)
@@ -126,7 +126,7 @@ def build_gallery(predictions: pd.DataFrame, data: Any, split: str, model: torch
     pixels = np.array(data.images[[rows_of[str(predictions["image_id"].iat[i])] for i in chosen]], dtype=np.uint8)
     targets = [classes.index(answered[i]) for i in chosen]
     try:
-        maps = compute_cam(model, batch_input(pixels, sidecar["preprocessing"]), METHOD, target=targets).maps
+        maps = maps_for(model, batch_input(pixels, sidecar["preprocessing"]), METHOD, targets)
     except DermcamError as exc:
         return Gallery(note=f"no Grad-CAM for this model: {exc}")
     cases = [_case(predictions, i, answered[i], float(confidence[i]), image, cam)
