@@ -16,6 +16,9 @@ def resolve(ref: str | Path | None = None, root: Path | None = None) -> Checkpoi
     if ref is not None and (isinstance(ref, Path) or os.sep in str(ref) or str(ref).endswith((".safetensors", ".json"))):
         return checkpoint_from_path(Path(ref))
     ref = None if ref in (None, "", "best") else str(ref)
+    if ref is not None and ref.startswith("ensemble:"):  # see dermcam.store.ensembles.PREFIX
+        raise BadInputError(f"{ref} is an ensemble; this needs one checkpoint (an ensemble's members are "
+                            "calibrated and managed one by one: dermcam ensemble show NAME lists them)")
     if ref is not None and ":" in ref:
         return _by_run(ref, root)
     all_ckpts = list_checkpoints(root)
