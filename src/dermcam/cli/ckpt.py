@@ -100,10 +100,12 @@ def prune_cmd(
 @ckpt_app.command("export")
 @handle_errors
 def export_cmd(
-    ckpt: str = typer.Argument("best", metavar="CKPT", help="Checkpoint to export (RUN:EPOCH, run, sha prefix, best, latest)."),
+    ckpt: str = typer.Argument("best", metavar="CKPT",
+                               help="Checkpoint or ensemble to export (RUN:EPOCH, run, sha prefix, best, latest, "
+                                    "ensemble:NAME)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="File (or folder) to write; default ./dermcam-<backbone>-<run>-e<epoch>"
-                                               ".safetensors (or .onnx)"),
+                                               ".safetensors (or .onnx; an ensemble: ./dermcam-ensemble-<name>...)"),
     fmt: str = typer.Option("safetensors", "--format", "-f", metavar="safetensors|onnx",
                             help="safetensors: weights + metadata for timm/dermcam. onnx: one graph for ONNX Runtime "
                                  "(resize, normalisation and calibration inside; needs dermcam[onnx])."),
@@ -117,6 +119,11 @@ def export_cmd(
     Its metadata holds backbone, classes, preprocessing, calibration and operating point, metrics,
     training config and versions, plus the source checkpoint's id and sha256 (JSON under the
     "dermcam" key of the safetensors header or of the ONNX model's metadata_props).
+
+    An ensemble (ensemble:NAME) exports as one file too: every member's weights (under members.0.,
+    members.1., ...), and per member its backbone, preprocessing, calibration and weight, plus the
+    combination rule and the ensemble's operating point. evaluate and explain take the file as they
+    take ensemble:NAME; ckpt restore does not import it.
     """
     if half and bf16:
         raise BadInputError("choose one of --half and --bf16")
@@ -139,6 +146,9 @@ def export_cmd(
     use = (f"ONNX Runtime and PyTorch agree within {result['check_gap']:.1g} in probability. Run it with ONNX "
            "Runtime: input 'image' is uint8 RGB pixels at the cache size (docs/checkpoints.md)"
            if result["format"] == "onnx" else
+           f"Use it with: dermcam explain IMAGE -c {result['file']}  or: dermcam evaluate {result['file']} "
+           "(plain timm + safetensors: docs/checkpoints.md)"
+           if result.get("kind") == "ensemble" else
            f"Use it with: dermcam explain IMAGE -c {result['file']}  or import it elsewhere with: dermcam ckpt restore FILE")
     console.print(f"Exported {result['id']} ({result['backbone']}, {result['format']}, {result['dtype']}) to {result['file']}\n"
                   f"  {views.human_bytes(result['size'])} (checkpoint weights: {views.human_bytes(result['source_size'])}), "

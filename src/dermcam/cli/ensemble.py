@@ -62,7 +62,11 @@ def create_cmd(
     """
     from dermcam.evaluate.ensemble import create_ensemble
     from dermcam.progress import rich_progress
+    from dermcam.store.ensembles import check_new_name, manifest_path
 
+    path = manifest_path(check_new_name(name))  # refused before the validation pass, not after it
+    if not replace and path.exists():
+        raise BadInputError(f"ensemble '{name}' exists; choose another name or add --replace")
     with rich_progress(enabled=not json_output) as progress:
         result = create_ensemble(name, checkpoints or None, top=top, dataset=data, weights=_weights(weights),
                                  select=select, operating_point=operating_point, replace=replace, device=device,

@@ -40,6 +40,8 @@ HELP = {  # option help; _h() appends TrainConfig's default
     "device": "auto (CUDA when present) | cpu | cuda | cuda:N",
     "precision": "auto (bf16 where the hardware supports it) | bf16 | fp16 | fp32",
     "channels_last": "channels_last memory format, faster convolutions",
+    "compile": "torch.compile the training forward (the first step compiles; later ones may be faster on a "
+               "GPU); where it is unavailable or fails, training goes on eagerly with a note",
     "seed": "Random seed",
     "operating_point": "After training, calibrate the best checkpoint on val and choose this threshold on "
                        "its calibrated probabilities: CLASS:sensitivity=T or CLASS:specificity=T",
@@ -78,6 +80,7 @@ def train_command(
     device: Optional[str] = typer.Option(None, help=_h("device")),
     precision: Optional[str] = typer.Option(None, help=_h("precision")),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help=_h("channels_last")),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=_h("compile")),
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Under torchrun on CUDA: synchronise BatchNorm "
                                                                     "statistics across processes."),
     seed: list[int] = typer.Option([], "--seed", help=_h("seed", grid=True)),
@@ -106,8 +109,8 @@ def train_command(
         "head_lr_scale": head_lr_scale, "freeze": freeze, "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "balance": balance, "augment": augment,
         "accumulate": accumulate, "ema": ema, "ema_decay": ema_decay, "patience": patience, "monitor": monitor,
-        "device": device, "precision": precision, "channels_last": channels_last, "sync_bn": sync_bn,
-        "operating_point": operating_point,
+        "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
+        "sync_bn": sync_bn, "operating_point": operating_point,
     }
     grid = {"backbone": backbone, "lr": lr, "seed": seed, "image_size": image_size}
     with rich_progress() as progress:

@@ -79,14 +79,6 @@ def cache_size(preprocessing: Mapping[str, Any]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def identity_preprocessing(cache: Sequence[int]) -> dict[str, Any]:
-    """A ``preprocessing`` under which :func:`batch_input` hands over the cache image itself, scaled to
-    [0, 1] (what an ensemble takes: its members resize and normalise for themselves)."""
-    width, height = (int(v) for v in cache)
-    return {"input_size": [3, height, width], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-            "cache_size": [width, height], "interpolation": "bilinear", "resize": "none"}
-
-
 def to_float(batch: np.ndarray) -> torch.Tensor:
     """(B,H,W,3) uint8 -> (B,3,H,W) float32 in [0,1]."""
     import torch

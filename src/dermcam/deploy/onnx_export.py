@@ -16,27 +16,39 @@ run like a safetensors export (it shares ``dermcam.store.exchange``'s source che
 records). The optional packages (``dermcam[onnx]``) are imported inside the functions that use them,
 so a missing one is a one-line error; torch is imported at the top, as only the export command
 imports this module.
+
+An ensemble (``ensemble:NAME``) exports the same way: its :class:`~dermcam.models.ensemble.EnsembleModel`
+already resizes, normalises and calibrates for each member, so the graph only scales the pixels to
+0..1 and calls it (``logits`` = log p, ``probabilities`` = p). Only the members' antialiased resize is
+swapped for the same fixed matrices (:class:`MatrixResize`), since ONNX has no antialiased resize;
+the check compares ONNX Runtime with the ensemble as ``evaluate`` runs it.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dermcam import __version__
-from dermcam.data.geometry import cache_size, resize
+from dermcam.data.geometry import cache_size, resize, to_float
 from dermcam.errors import BadInputError, DermcamError
+from dermcam.models.ensemble import LOG_FLOOR, EnsembleModel, calibration_terms
 from dermcam.store.checkpoint import Checkpoint
+from dermcam.store.ensemble_exchange import ENSEMBLE_ONNX_SCHEMA, ensemble_document, ensemble_model
+from dermcam.store.ensembles import ensemble_name
 from dermcam.store.exchange import (
     METADATA_KEY,
+    default_ensemble_name,
     default_export_name,
+    ensemble_source,
     export_source,
     export_target,
+    finish_ensemble_export,
     finish_export,
     metadata_text,
     model_document,
@@ -50,8 +62,6 @@ OUTPUTS = ("logits", "probabilities")
 INSTALL_HINT = "pip install 'dermcam[onnx]'"
 # The largest difference in probability between ONNX Runtime and PyTorch that an export accepts.
 TOLERANCE = 1e-4
-# evaluate.calibration's log(0) guard: calibrated probabilities are computed from log(max(p, floor)).
-_LOG_FLOOR = 1e-30
 
 
 def require_onnx() -> None:
@@ -73,19 +83,28 @@ def onnx_metadata(ckpt: Checkpoint) -> dict[str, Any]:
             "graph": graph_description(preprocessing, calibrated="calibration" in doc)}
 
 
-def graph_description(preprocessing: Mapping[str, Any], calibrated: bool) -> dict[str, Any]:
-    """What the ``dermcam.onnx/1`` document says about the graph's input and outputs."""
+def graph_description(preprocessing: Mapping[str, Any], calibrated: bool, *, ensemble: bool = False) -> dict[str, Any]:
+    """What the ``dermcam.onnx/1`` (or ensemble) document says about the graph's input and outputs."""
     width, height = cache_size(preprocessing)
+    inside = "resizing to input_size and normalising happen inside the graph"
+    if ensemble:
+        inside = "resizing to each member's input_size and normalising happen inside the graph"
+        outputs = {"logits": "log of the ensemble's probabilities (batch, classes): softmax(logits) is them",
+                   "probabilities": "the ensemble's probabilities (batch, classes): the weighted mean of the "
+                                    "members' calibrated probabilities (members, rule)"}
+    elif calibrated:
+        outputs = {"logits": "raw class scores (batch, classes), before any calibration",
+                   "probabilities": "calibrated probabilities (batch, classes): the calibration below applied "
+                                    "to softmax(logits)"}
+    else:
+        outputs = {"logits": "raw class scores (batch, classes), before any calibration",
+                   "probabilities": "softmax(logits) (batch, classes); this checkpoint has no calibration"}
     return {
         "opset": OPSET,
         "input": {"name": INPUT, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", height, width, 3],
                   "color": "RGB", "content": "the photo scaled to cover cache_size and cropped at the centre "
-                                             "(dermcam.data.geometry.cover_resize); resizing to input_size "
-                                             "and normalising happen inside the graph"},
-        "outputs": {"logits": "raw class scores (batch, classes), before any calibration",
-                    "probabilities": ("calibrated probabilities (batch, classes): the calibration below "
-                                      "applied to softmax(logits)") if calibrated
-                    else "softmax(logits) (batch, classes); this checkpoint has no calibration"},
+                                             f"(dermcam.data.geometry.cover_resize); {inside}"},
+        "outputs": outputs,
     }
 
 
@@ -99,15 +118,34 @@ def _resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     return resize(impulses, (1, size_out)).view(size_in, size_out).T.contiguous()
 
 
-def _calibration_terms(calibration: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, bias) with calibrated = softmax(scale * log p + bias): one per class for vector scaling,
-    1/T and 0 (broadcast over the classes) for a temperature."""
-    if not calibration:
-        return torch.ones(1), torch.zeros(1)
-    if calibration.get("method") == "vector":
-        return (torch.tensor(calibration["scale"], dtype=torch.float32),
-                torch.tensor(calibration["bias"], dtype=torch.float32))
-    return torch.tensor([1.0 / float(calibration["temperature"])]), torch.zeros(1)
+class MatrixResize(torch.nn.Module):
+    """:func:`dermcam.data.geometry.resize` from one fixed (H, W) to another as ``rows @ x @ cols``
+    (identity when the sizes agree): what ONNX can run, equal to the antialiased resize to float rounding."""
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int]) -> None:
+        super().__init__()
+        self.resizes = tuple(size_in) != tuple(size_out)
+        if self.resizes:
+            self.register_buffer("rows", _resize_matrix(size_in[0], size_out[0]))
+            self.register_buffer("cols", _resize_matrix(size_in[1], size_out[1]).T.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols if self.resizes else x
+
+
+class MatrixResizedEnsemble(torch.nn.Module):
+    """``ensemble`` on the cache image in [0, 1], each member's resize done by a :class:`MatrixResize`
+    (then :meth:`EnsembleModel.combine`: the members' own normalisation, network and calibration)."""
+
+    def __init__(self, ensemble: EnsembleModel, cache: tuple[int, int]) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        width, height = cache
+        self.resizes = torch.nn.ModuleList(MatrixResize((height, width), member.size) for member in ensemble.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = [member.normalise(resize_to(x)) for member, resize_to in zip(self.ensemble.members, self.resizes)]
+        return self.ensemble.combine(inputs)
 
 
 class InferenceGraph(torch.nn.Module):
@@ -120,26 +158,21 @@ class InferenceGraph(torch.nn.Module):
         self.model = model
         cache_w, cache_h = cache_size(preprocessing)
         _, height, width = (int(v) for v in preprocessing["input_size"])
-        self.resizes = (cache_h, cache_w) != (height, width)
-        if self.resizes:
-            self.register_buffer("rows", _resize_matrix(cache_h, height))
-            self.register_buffer("cols", _resize_matrix(cache_w, width).T.contiguous())
+        self.resize = MatrixResize((cache_h, cache_w), (height, width))
         self.register_buffer("mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1))
         self.calibrated = bool(calibration)
-        scale, bias = _calibration_terms(calibration)
+        scale, bias = calibration_terms(calibration)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self.eval()  # the exporter restores this mode to every submodule when it is done
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.permute(0, 3, 1, 2).float() / 255.0
-        if self.resizes:
-            x = self.rows @ x @ self.cols
+        x = self.resize(image.permute(0, 3, 1, 2).float() / 255.0)
         logits = self.model((x - self.mean) / self.std)
         probabilities = logits.softmax(1)
         if self.calibrated:  # evaluate.calibration.rescale, in float32
-            probabilities = (probabilities.clamp_min(_LOG_FLOOR).log() * self.scale + self.bias).softmax(1)
+            probabilities = (probabilities.clamp_min(LOG_FLOOR).log() * self.scale + self.bias).softmax(1)
         return logits, probabilities
 
 
@@ -173,16 +206,18 @@ def onnx_bytes(graph: InferenceGraph, preprocessing: Mapping[str, Any], metadata
     return proto.SerializeToString()
 
 
-def check_against_pytorch(data: bytes, graph: InferenceGraph, preprocessing: Mapping[str, Any]) -> float:
+def check_against_pytorch(data: bytes, graph: InferenceGraph, preprocessing: Mapping[str, Any],
+                          reference: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Largest |probability difference| between ONNX Runtime and PyTorch on a batch of 3; raises above
-    :data:`TOLERANCE`, so a graph the exporter got wrong is never written."""
+    :data:`TOLERANCE`, so a graph the exporter got wrong is never written. ``reference``: PyTorch's
+    probabilities for the uint8 pixels (default: the graph's own)."""
     import onnxruntime
 
     pixels = example_pixels(preprocessing, 3)
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     _, onnx_probs = session.run(None, {INPUT: pixels.numpy()})
     with torch.no_grad():
-        torch_probs = graph(pixels)[1].numpy()
+        torch_probs = (reference or (lambda px: graph(px)[1]))(pixels).numpy()
     gap = float(abs(onnx_probs - torch_probs).max())
     if not gap <= TOLERANCE:
         raise DermcamError(f"the ONNX graph's probabilities differ from PyTorch's by {gap:.2g} (over "
@@ -195,18 +230,51 @@ def export_onnx(ref: str | Path | None, output: Path | None = None, *, force: bo
     """Write checkpoint ``ref`` as one ONNX file and record it in its run (``ckpt list``: exported).
 
     The result is :func:`dermcam.store.exchange.finish_export`'s plus ``check_gap``, the largest
-    probability difference between ONNX Runtime and PyTorch measured before writing.
+    probability difference between ONNX Runtime and PyTorch measured before writing. An ensemble
+    (``ensemble:NAME``) goes to :func:`export_ensemble_onnx`.
     """
     from dermcam.models.backbones import build_with_weights
 
     require_onnx()
+    name = ensemble_name(ref, root)
+    if name is not None:
+        return export_ensemble_onnx(name, output, force=force, root=root)
     ckpt, state = export_source(ref, root)
     out = export_target(output, default_export_name(ckpt, "float32", ".onnx"), force)
     meta = onnx_metadata(ckpt)
     model = build_with_weights(meta["backbone"], len(meta["classes"]), state, f"checkpoint {ckpt.id}")
     preprocessing = meta["preprocessing"]
     graph = InferenceGraph(model, preprocessing, meta.get("calibration"))
-    data = onnx_bytes(graph, preprocessing, metadata_text(ckpt, meta))
+    data = onnx_bytes(graph, preprocessing, metadata_text(f"checkpoint {ckpt.id}", meta))
     gap = check_against_pytorch(data, graph, preprocessing)
     atomic_write_bytes(out, data)
     return {**finish_export(ckpt, out, meta, "onnx", root=root), "check_gap": gap}
+
+
+def export_ensemble_onnx(name: str, output: Path | None = None, *, force: bool = False,
+                         root: Path | None = None) -> dict[str, Any]:
+    """Write ensemble ``name`` as one ONNX file: uint8 pixels at the members' cache size in, ``logits``
+    (log p) and ``probabilities`` (p, the ensemble's) out; recorded in each member's run.
+
+    The document (schema ``dermcam.ensemble-onnx/1``) is the safetensors export's without tensor
+    digests, plus ``graph``. Before writing, ONNX Runtime is checked against the ensemble exactly as
+    ``evaluate ensemble:NAME`` runs it (antialiased resize, not the graph's matrices).
+    """
+    from dermcam.models.backbones import build_with_weights
+
+    require_onnx()
+    ensemble, ckpts, states = ensemble_source(name, root)
+    out = export_target(output, default_ensemble_name(ensemble, "float32", ".onnx"), force)
+    meta = ensemble_document(ensemble, [model_document(c) for c in ckpts], dtype="float32", digests=None,
+                             schema=ENSEMBLE_ONNX_SCHEMA)
+    preprocessing = meta["preprocessing"]  # the cache image as it is: the graph's input
+    meta["graph"] = graph_description(preprocessing, True, ensemble=True)
+    models = [build_with_weights(m["backbone"], m["num_classes"], state, f"checkpoint {c.id}")
+              for m, state, c in zip(meta["members"], states, ckpts)]
+    model = ensemble_model(meta, models)
+    graph = InferenceGraph(MatrixResizedEnsemble(model, cache_size(preprocessing)), preprocessing, None)
+    data = onnx_bytes(graph, preprocessing, metadata_text(f"ensemble {name}", meta))
+    gap = check_against_pytorch(data, graph, preprocessing,
+                                reference=lambda pixels: model(to_float(pixels.numpy())).softmax(1))
+    atomic_write_bytes(out, data)
+    return {**finish_ensemble_export(ensemble, ckpts, out, meta, "onnx", root=root), "check_gap": gap}

@@ -60,6 +60,16 @@ def _score(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     return float(np.mean(recalls)), float(np.log(np.clip(picked, 1e-12, 1.0)).mean())
 
 
+TOLERANCE = 1e-9  # averaging a model with itself changes the log loss by rounding only: not a gain
+
+
+def _beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Is score ``a`` better than ``b`` by more than rounding? Balanced accuracy first, then log loss."""
+    if abs(a[0] - b[0]) > TOLERANCE:
+        return a[0] > b[0]
+    return a[1] > b[1] + TOLERANCE
+
+
 def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
                   rounds: int = MAX_ROUNDS) -> Selection:
     """Caruana's forward selection with replacement over candidates' validation probabilities.
@@ -71,7 +81,10 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
         raise BadInputError("greedy selection needs at least one candidate")
     y_true = np.asarray(y_true, dtype=np.int64)
     singles = [_score(y_true, p) for p in probs]
-    start = int(max(range(len(probs)), key=lambda i: singles[i]))
+    start = 0
+    for i in range(1, len(probs)):
+        if _beats(singles[i], singles[start]):
+            start = i
     counts = np.zeros(len(probs), dtype=np.int64)
     counts[start] = 1
     total = probs[start].astype(np.float64).copy()
@@ -79,11 +92,14 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
     for _ in range(max(0, rounds - 1)):
         n = counts.sum()
         trials = [_score(y_true, (total + p) / (n + 1)) for p in probs]
-        pick = int(max(range(len(probs)), key=lambda i: trials[i]))
+        pick = 0
+        for i in range(1, len(probs)):
+            if _beats(trials[i], trials[pick]):
+                pick = i
         counts[pick] += 1
         total += probs[pick]
         history.append(trials[pick][0])
-        if trials[pick] > best:
+        if _beats(trials[pick], best):
             best, best_counts = trials[pick], counts.copy()
     return Selection(list(ids), [int(c) for c in best_counts], best[0], (ids[start], singles[start][0]), history,
                      [s[0] for s in singles])
@@ -213,12 +229,12 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
     from dermcam.evaluate.operating import check_labels, choose, parse_operating_point
     from dermcam.evaluate.predict import predict
     from dermcam.models.device import select_device
-    from dermcam.store.ensembles import check_members, check_name, new_manifest, save_ensemble
+    from dermcam.store.ensembles import check_members, check_new_name, new_manifest, save_ensemble
     from dermcam.store.files import utc_now
     from dermcam.store.inference import load_ensemble
     from dermcam.store.references import resolve
 
-    check_name(name)  # every option is checked before any model is loaded
+    check_new_name(name, root)  # every option is checked before any model is loaded
     if select not in SELECTIONS:
         raise BadInputError(f"--select must be one of {', '.join(SELECTIONS)}, not '{select}'")
     if bool(refs) == (top is not None):

@@ -12,7 +12,7 @@ TTA averaging, faithfulness scores, ONNX export) gets ``p`` back from ``softmax(
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +58,25 @@ class Member(torch.nn.Module):
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """The cache image (N, 3, H, W) in [0, 1] -> this member's normalised input, as batch_input makes it."""
-        from dermcam.data.geometry import resize
+        import torch.nn.functional as F
 
-        return (resize(x, self.size) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        # dermcam.data.geometry.resize, written out: models may not import data (data imports the store,
+        # which imports models; tests/test_architecture.py). tests/test_ensemble.py checks they agree.
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """An image already at this member's input size, in [0, 1] -> normalised with its mean and std
+        (separate so that the ONNX export can resize with its own matrices and normalise the same way)."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.model(self.model_input(x)).float().softmax(1)
+        return self.input_probabilities(self.model_input(x))
+
+    def input_probabilities(self, z: torch.Tensor) -> torch.Tensor:
+        """This member's (calibrated) probabilities for its own normalised input ``z``."""
+        probs = self.model(z).float().softmax(1)
         if self.calibrated:
             probs = (probs.clamp_min(LOG_FLOOR).log() * self.scale + self.bias).softmax(1)
         return probs
@@ -86,7 +99,15 @@ class EnsembleModel(torch.nn.Module):
         self.register_buffer("weights", weights / weights.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = sum(w * member.probabilities(x) for w, member in zip(self.weights, self.members))
+        return self._log_mean(member.probabilities(x) for member in self.members)
+
+    def combine(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``forward`` from each member's own normalised input (:meth:`Member.normalise` of the cache
+        image resized to its input size): the ONNX export resizes with fixed matrices, then calls this."""
+        return self._log_mean(member.input_probabilities(z) for member, z in zip(self.members, inputs))
+
+    def _log_mean(self, probs: Iterable[torch.Tensor]) -> torch.Tensor:
+        total = sum(w * p for w, p in zip(self.weights, probs))
         assert isinstance(total, torch.Tensor)
         return total.clamp_min(LOG_FLOOR).log()
 

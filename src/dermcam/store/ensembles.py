@@ -12,11 +12,13 @@ The scoring side (combining the members, choosing them on validation) is in
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermcam.errors import BadInputError, CorruptError, NotFoundError
+from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, read_json_document
 from dermcam.store.files import atomic_write_json, utc_now
@@ -27,9 +29,14 @@ ENSEMBLE_SCHEMA = "dermcam.ensemble/1"
 PREFIX = "ensemble:"  # how a user names an ensemble wherever a checkpoint is accepted
 RULE = "mean of calibrated probabilities"
 RESERVED = frozenset({"best", "latest"})
+DEFAULT_CACHE_SIZE = (256, 192)  # dermcam.data.geometry's: members saved before cache_size was recorded
+
+# A member is named by its store id, RUN:EPOCH, never by a path: a manifest must not lead a command
+# to read a checkpoint outside the store.
+MEMBER_ID = s.text(re.compile(PLAIN_NAME.pattern + r":[0-9]{1,6}"), why="is not a checkpoint id (RUN:EPOCH)")
 
 MEMBER = s.obj({
-    "id": s.ID,
+    "id": MEMBER_ID,
     "sha256": s.SHA256,
     "backbone": s.BACKBONE,
     "preprocessing": s.PREPROCESSING,
@@ -94,6 +101,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_new_name(name: str, root: Path | None = None) -> str:
+    """:func:`check_name`, and not a reference to a checkpoint now (a run id or its prefix, a weights hash
+    prefix): a bare NAME is looked up as an ensemble first, so such an ensemble would silently answer
+    for that checkpoint."""
+    from dermcam.store.references import resolve
+
+    check_name(name)
+    if name.endswith((".json", ".safetensors")):  # resolve would take it for a file path
+        return name
+    try:
+        ckpt = resolve(name, root)
+    except NotFoundError:
+        return name
+    except DermcamError as exc:  # an ambiguous run prefix, a damaged checkpoint: a reference all the same
+        raise BadInputError(f"ensemble name '{name}' is already a checkpoint reference ({exc}); choose "
+                            "another name") from None
+    raise BadInputError(f"ensemble name '{name}' already names checkpoint {ckpt.id} (a run id or weights "
+                        "hash prefix); choose another name")
+
+
 def ensemble_name(ref: object, root: Path | None = None) -> str | None:
     """The ensemble a checkpoint reference names (``ensemble:NAME``, or a bare NAME with a manifest), else None."""
     if ref is None or isinstance(ref, Path):
@@ -110,7 +137,8 @@ def manifest_path(name: str, root: Path | None = None, *, typed: bool = True) ->
     error = BadInputError if typed else CorruptError
     if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
         raise error(f"ensemble name {name!r} is not a plain name")
-    return contained(ensembles_dir(root), f"{name}.json", "ensemble", error)
+    # the name is plain, so only a symlink in the store can lead outside it: damage, not bad input
+    return contained(ensembles_dir(root), f"{name}.json", "ensemble", CorruptError)
 
 
 def read_ensemble(name: str, root: Path | None = None) -> Ensemble:
@@ -187,10 +215,10 @@ def new_manifest(name: str, ckpts: list[Checkpoint], weights: list[float], *,
                  operating_point: dict[str, Any] | None = None,
                  selection: dict[str, Any] | None = None, root: Path | None = None) -> Ensemble:
     """An ensemble of ``ckpts`` in memory (validated, not yet stored): score it, then :func:`save_ensemble`."""
-    check_name(name)
+    check_new_name(name, root)
     check_members(ckpts)
-    if len(weights) != len(ckpts) or any(not w > 0 for w in weights):
-        raise BadInputError(f"--weights needs {len(ckpts)} positive numbers, one per member")
+    if len(weights) != len(ckpts) or any(not (w > 0 and math.isfinite(w)) for w in weights):
+        raise BadInputError(f"--weights needs {len(ckpts)} positive finite numbers, one per member")
     first = ckpts[0].sidecar
     manifest: dict[str, Any] = {
         "schema": ENSEMBLE_SCHEMA, "name": name, "created": utc_now(), "classes": list(first["classes"]),
@@ -269,15 +297,17 @@ def scoring_document(ensemble: Ensemble) -> dict[str, Any]:
     Its ``calibration`` is ``{"method": "members"}``: each member's own calibration is applied inside
     the ensemble, before the mean, so nothing is applied after it.
     """
-    from dermcam.data.geometry import DEFAULT_CACHE_SIZE, identity_preprocessing
-
     manifest = ensemble.manifest
     members = manifest["members"]
-    cache = members[0]["preprocessing"].get("cache_size") or DEFAULT_CACHE_SIZE
+    width, height = (int(v) for v in members[0]["preprocessing"].get("cache_size") or DEFAULT_CACHE_SIZE)
+    # dermcam.data.geometry.identity_preprocessing, written out: the store may not import data (data
+    # imports the store; tests/test_architecture.py), and tests/test_ensemble.py checks the two agree
+    identity = {"input_size": [3, height, width], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                "cache_size": [width, height], "interpolation": "bilinear", "resize": "none"}
     return {
         "id": ensemble.id, "kind": "ensemble", "name": ensemble.name, "classes": list(manifest["classes"]),
         "backbone": "ensemble(" + "+".join(m["backbone"] for m in members) + ")",
-        "preprocessing": identity_preprocessing(cache), "dataset": manifest.get("dataset") or {},
+        "preprocessing": identity, "dataset": manifest.get("dataset") or {},
         "calibration": {"method": "members", "temperature": None},
         "operating_point": manifest.get("operating_point"),
         "members": [{k: m[k] for k in ("id", "sha256", "backbone", "weight")} for m in members],

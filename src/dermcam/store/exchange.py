@@ -14,12 +14,18 @@ is parsed by hand with size limits before safetensors sees the file, every field
 tensor names and shapes must be exactly those of the backbone, and a digest of the tensors (stored in
 the metadata) catches truncation and tampering. Nothing is ever unpickled. :func:`import_exported`
 brings a validated file into the store as a new (not resumable) run.
+
+An ensemble exports the same way (:func:`export_ensemble`, schema ``dermcam.ensemble-export/1``): its
+members' tensors under ``members.<i>.`` prefixes in one file, each member checked like a single
+model's tensors and against its own digest. What that document says, and the model it becomes, is in
+:mod:`dermcam.store.ensemble_exchange`; reading, checking and writing files stays here, shared.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import struct
@@ -31,6 +37,17 @@ from typing import TYPE_CHECKING, Any
 from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError, first_line
 from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, save_checkpoint, versions
+from dermcam.store.ensemble_exchange import (
+    ENSEMBLE_EXPORT_META,
+    ENSEMBLE_EXPORT_SCHEMA,
+    ensemble_document,
+    ensemble_info,
+    ensemble_model,
+    is_ensemble_document,
+    member_prefix,
+    split_members,
+)
+from dermcam.store.ensembles import Ensemble, ensemble_name, member_checkpoints, read_ensemble
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
 from dermcam.store.locks import store_lock
 from dermcam.store.references import resolve
@@ -39,6 +56,8 @@ from dermcam.store.tensors import save_tensors
 
 if TYPE_CHECKING:
     import torch
+
+    from dermcam.models.ensemble import EnsembleModel
 
 EXPORT_SCHEMA = "dermcam.export/1"
 
@@ -94,7 +113,10 @@ class ExportedFile:
     sha256: str
 
     def info(self) -> dict[str, Any]:
-        """A sidecar-like dict for inference commands (same keys as a store checkpoint's sidecar)."""
+        """A sidecar-like dict for inference commands (same keys as a store checkpoint's sidecar, or for
+        an ensemble as :func:`dermcam.store.ensembles.scoring_document`)."""
+        if is_ensemble_document(self.meta):
+            return ensemble_info(self.meta, self.path, self.sha256)
         source = self.meta.get("source") or {}
         return {
             **self.meta,
@@ -118,7 +140,7 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _cast(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """Floating-point tensors to ``dtype``; integer buffers (BatchNorm counters) stay as they are."""
     import torch
 
@@ -155,10 +177,17 @@ def export_metadata(ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], dtype
     return {"schema": EXPORT_SCHEMA, **model_document(ckpt), "dtype": dtype, "tensors_sha256": tensor_digest(tensors)}
 
 
+_PRECISION_SUFFIX = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}
+
+
 def default_export_name(ckpt: Checkpoint, dtype: str, suffix: str = ".safetensors") -> str:
     backbone = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(ckpt.sidecar["backbone"]))
-    precision = {"float32": "", "float16": "-fp16", "bfloat16": "-bf16"}[dtype]
-    return f"dermcam-{backbone}-{ckpt.run_id}-e{ckpt.epoch}{precision}{suffix}"
+    return f"dermcam-{backbone}-{ckpt.run_id}-e{ckpt.epoch}{_PRECISION_SUFFIX[dtype]}{suffix}"
+
+
+def default_ensemble_name(ensemble: Ensemble, dtype: str, suffix: str = ".safetensors") -> str:
+    """``dermcam-ensemble-<name>[-fp16|-bf16].<suffix>`` (an ensemble's name is already a plain name)."""
+    return f"dermcam-ensemble-{ensemble.name}{_PRECISION_SUFFIX[dtype]}{suffix}"
 
 
 def export_source(ref: str | Path | None, root: Path | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
@@ -180,11 +209,12 @@ def export_target(output: Path | None, default_name: str, force: bool) -> Path:
     return out
 
 
-def metadata_text(ckpt: Checkpoint, meta: Mapping[str, Any]) -> str:
-    """An export's document as JSON, refused when it is over what an import reads."""
+def metadata_text(what: str, meta: Mapping[str, Any]) -> str:
+    """An export's document as JSON, refused when it is over what an import reads. ``what`` names the
+    source in the message (``checkpoint 3fa9c1:7``, ``ensemble duo``)."""
     text = json.dumps(meta, default=str)
     if len(text.encode()) > MAX_METADATA_BYTES:
-        raise BadInputError(f"checkpoint {ckpt.id}: its metadata is over {MAX_METADATA_BYTES} bytes; "
+        raise BadInputError(f"{what}: its metadata is over {MAX_METADATA_BYTES} bytes; "
                             "the training config is too large to export")
     return text
 
@@ -196,7 +226,7 @@ def finish_export(ckpt: Checkpoint, out: Path, meta: Mapping[str, Any], fmt: str
               "file_sha256": file_sha or sha256_file(out), "format": fmt, "dtype": meta["dtype"],
               "created": utc_now()}
     with store_lock("store", root=root):
-        _record_export(ckpt.run_dir, record)
+        record_exports(ckpt.run_dir, [record])
     return {**record, "size": out.stat().st_size, "source_size": ckpt.weights_path.stat().st_size,
             "backbone": meta["backbone"], "classes": meta["classes"]}
 
@@ -208,24 +238,89 @@ def export_checkpoint(ref: str | Path | None, output: Path | None = None, *, dty
     The source weights are hash-checked first (:func:`export_source`), the file is written
     atomically, and the run's ``exports.json`` remembers the export so ``ckpt list`` can flag it.
     (``dermcam.deploy.onnx_export.export_onnx`` writes an ONNX file the same way.)
+    An ensemble (``ensemble:NAME``, or a bare name with a manifest) goes to :func:`export_ensemble`.
     """
     if dtype not in DTYPES:
         raise BadInputError(f"unknown export dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    name = ensemble_name(ref, root)
+    if name is not None:
+        return export_ensemble(name, output, dtype=dtype, force=force, root=root)
     ckpt, state = export_source(ref, root)
     out = export_target(output, default_export_name(ckpt, dtype), force)
-    tensors = _cast(state, dtype)
+    tensors = cast_tensors(state, dtype)
     meta = export_metadata(ckpt, tensors, dtype)
-    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: metadata_text(ckpt, meta)})
+    text = metadata_text(f"checkpoint {ckpt.id}", meta)
+    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
     out.chmod(0o644)  # the temporary file was private (0600); an export is meant to be shared
     return finish_export(ckpt, out, meta, "safetensors", file_sha=file_sha, root=root)
 
 
-def _record_export(run_dir: Path, record: dict[str, Any]) -> None:
+def ensemble_source(name: str,
+                    root: Path | None = None) -> tuple[Ensemble, list[Checkpoint], list[dict[str, torch.Tensor]]]:
+    """An ensemble to export, its member checkpoints (each still the one the manifest names) and their
+    weights, hash-checked, all under one shared store lock (as :func:`export_source`)."""
+    with store_lock("store", shared=True, root=root):
+        ensemble = read_ensemble(name, root)
+        ckpts = member_checkpoints(ensemble, root)
+        return ensemble, ckpts, [c.load_weights(verify=True) for c in ckpts]
+
+
+def export_ensemble(name: str, output: Path | None = None, *, dtype: str = "float32", force: bool = False,
+                    root: Path | None = None) -> dict[str, Any]:
+    """Write ensemble ``name`` as one safetensors file: member ``i``'s tensors under ``members.<i>.``,
+    the ``dermcam.ensemble-export/1`` document in the header (see :mod:`dermcam.store.ensemble_exchange`).
+
+    Like a checkpoint's export: members are hash-checked first, the file is written atomically and
+    never replaces one without ``force``; the export is recorded in each member's run (see
+    :func:`finish_ensemble_export`).
+    """
+    if dtype not in DTYPES:
+        raise BadInputError(f"unknown export dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    ensemble, ckpts, states = ensemble_source(name, root)
+    out = export_target(output, default_ensemble_name(ensemble, dtype), force)
+    members = [cast_tensors(state, dtype) for state in states]
+    meta = ensemble_document(ensemble, [model_document(c) for c in ckpts], dtype=dtype,
+                             digests=[tensor_digest(m) for m in members])
+    tensors = {member_prefix(i) + k: v for i, member in enumerate(members) for k, v in member.items()}
+    text = metadata_text(f"ensemble {name}", meta)
+    file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
+    out.chmod(0o644)  # as export_checkpoint: the temporary file was private
+    return finish_ensemble_export(ensemble, ckpts, out, meta, "safetensors", file_sha=file_sha, root=root)
+
+
+def finish_ensemble_export(ensemble: Ensemble, ckpts: list[Checkpoint], out: Path, meta: Mapping[str, Any], fmt: str,
+                           *, file_sha: str | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Record a written ensemble export in every member's run and describe it.
+
+    An ensemble has no run of its own, and the file does hold each member's weights: so each member
+    gets an ``exports.json`` record (with ``ensemble``: NAME) and the ``exported`` flag of ``ckpt list``,
+    exactly as if it had been exported alone.
+    """
+    file_sha = file_sha or sha256_file(out)
+    created = utc_now()
+    records = [{"id": c.id, "sha256": c.sidecar["weights"]["sha256"], "file": str(out.resolve()),
+                "file_sha256": file_sha, "format": fmt, "dtype": meta["dtype"], "created": created,
+                "ensemble": ensemble.name} for c in ckpts]
+    by_run: dict[Path, list[dict[str, Any]]] = {}
+    for ckpt, record in zip(ckpts, records):
+        by_run.setdefault(ckpt.run_dir, []).append(record)
+    with store_lock("store", root=root):
+        for run_dir, run_records in by_run.items():
+            record_exports(run_dir, run_records)
+    return {"id": ensemble.id, "kind": "ensemble", "file": str(out.resolve()), "file_sha256": file_sha,
+            "format": fmt, "dtype": meta["dtype"], "created": created, "size": out.stat().st_size,
+            "source_size": sum(c.weights_path.stat().st_size for c in ckpts),
+            "backbone": "ensemble(" + "+".join(m["backbone"] for m in meta["members"]) + ")",
+            "classes": meta["classes"], "members": [{k: r[k] for k in ("id", "sha256")} for r in records]}
+
+
+def record_exports(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the run's records of the file ``records`` name (one per checkpoint written to it) with them."""
     path = run_dir / EXPORTS_FILE
     if not run_dir.is_dir():  # the checkpoint was pruned while we exported; the file is still valid
         return
-    entries = read_exports(run_dir)
-    entries = [e for e in entries if e.get("file") != record["file"]] + [record]
+    files = {r["file"] for r in records}
+    entries = [e for e in read_exports(run_dir) if e.get("file") not in files] + list(records)
     atomic_write_json(path, {"schema": "dermcam.exports/1", "exports": entries})
 
 
@@ -290,6 +385,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CorruptError(f"{path}: its dermcam metadata is not valid JSON (damaged or modified)") from None
     meta = _check_meta(path, meta)
     _check_length(path, header, size - 8 - header_len)
+    _check_layout(path, header, size - 8 - header_len)
     return header, meta
 
 
@@ -303,37 +399,78 @@ def _check_length(path: Path, header: Mapping[str, Any], data_bytes: int) -> Non
                            "(an interrupted copy or download?)")
 
 
+# What each schema's document must satisfy (an ONNX document is never read from a safetensors file).
+_FILE_SCHEMAS = {EXPORT_SCHEMA: EXPORT_META, ENSEMBLE_EXPORT_SCHEMA: ENSEMBLE_EXPORT_META}
+
+
+# Bytes per element of the dtypes a safetensors header may name (what the layout check needs).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_layout(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
+    """Each tensor's bytes are exactly what its shape and dtype need, and the tensors lie back to back,
+    filling the data: checked before any network is built, so that a small file cannot make us build
+    networks it does not hold (an ensemble's header can name up to 100 members)."""
+    spans = []
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and entry.get("dtype") in _DTYPE_BYTES):
+            raise CorruptError(f"{path}: the header entry of tensor {name} is malformed (damaged or modified)")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+            raise CorruptError(f"{path}: tensor {name} does not hold the bytes its shape and dtype need "
+                               "(damaged or modified)")
+        spans.append((offsets[0], offsets[1]))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise CorruptError(f"{path}: its tensors overlap or leave gaps (damaged or modified)")
+        position = end
+    if position != data_bytes:
+        raise CorruptError(f"{path}: {data_bytes - position} bytes after the last tensor (damaged or modified)")
+
+
 def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
-    """Validate the metadata document against :data:`EXPORT_META`; one line naming the first bad field.
+    """Validate the metadata document against its schema's (:data:`EXPORT_META`, or for an ensemble
+    :data:`~dermcam.store.ensemble_exchange.ENSEMBLE_EXPORT_META`); one line naming the first bad field.
 
     The same preprocessing, class and monitor checks as a store sidecar's: what a sidecar may not
     hold (a NaN mean, a negative epoch) cannot be imported either.
     """
-    if not isinstance(meta, dict) or meta.get("schema") != EXPORT_SCHEMA:
+    check = _FILE_SCHEMAS.get(meta.get("schema")) if isinstance(meta, dict) else None
+    if check is None:
         found = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
-        raise BadInputError(f"{path}: unsupported export schema {found!r} (this dermcam reads {EXPORT_SCHEMA})")
-    s.validate(meta, EXPORT_META, f"{path}: metadata")
+        raise BadInputError(f"{path}: unsupported export schema {found!r} (this dermcam reads "
+                            f"{' and '.join(_FILE_SCHEMAS)})")
+    s.validate(meta, check, f"{path}: metadata")
     return meta
 
 
-def _check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str) -> None:
-    """The file's tensor names, shapes and dtypes must be exactly those of ``backbone``'s state dict."""
+def _check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str,
+                   prefix: str = "") -> None:
+    """The file's tensor names, shapes and dtypes must be exactly those of ``backbone``'s state dict.
+    ``header``: the entries of one model, names without ``prefix`` (an ensemble member's; messages
+    name the tensors as they are in the file)."""
     names, wanted = set(header), set(expected)
     if names != wanted:
         missing, extra = sorted(wanted - names), sorted(names - wanted)
-        detail = (f"missing {missing[:3]}" if missing else "") + (" " if missing and extra else "") + \
-                 (f"unexpected {extra[:3]}" if extra else "")
-        raise CorruptError(f"{path}: tensors do not match backbone {backbone} ({detail})")
+        detail = (f"missing {[prefix + n for n in missing[:3]]}" if missing else "") + \
+                 (" " if missing and extra else "") + (f"unexpected {[prefix + n for n in extra[:3]]}" if extra else "")
+        raise CorruptError(f"{path}: tensors {prefix + '*' + ' ' if prefix else ''}do not match backbone "
+                           f"{backbone} ({detail})")
     for name, ref in expected.items():
         entry = header[name]
         if not isinstance(entry, dict) or entry.get("shape") != list(ref.shape):
             shape = entry.get("shape") if isinstance(entry, dict) else None
-            raise CorruptError(f"{path}: tensor {name} has shape {shape}, backbone {backbone} needs "
+            raise CorruptError(f"{path}: tensor {prefix}{name} has shape {shape}, backbone {backbone} needs "
                                f"{list(ref.shape)}")
         code = entry.get("dtype")
         ok = code in _FLOAT_CODES if ref.is_floating_point() else code == _safetensors_code(ref)
         if not ok:
-            raise CorruptError(f"{path}: tensor {name} has dtype {code}, which backbone {backbone} cannot use")
+            raise CorruptError(f"{path}: tensor {prefix}{name} has dtype {code}, which backbone {backbone} "
+                               "cannot use")
 
 
 def _safetensors_code(tensor: torch.Tensor) -> str:
@@ -355,35 +492,71 @@ def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Mo
                             "a newer timm may be needed") from None
 
 
-def read_exported(path: Path) -> tuple[ExportedFile, torch.nn.Module]:
-    """Validate an exported file completely and return it with the model it loads into (eval mode).
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptError(f"{path} is damaged: {first_line(exc)}") from None
+
+
+def read_exported(path: Path, *, calibrated: bool = True) -> tuple[ExportedFile, torch.nn.Module]:
+    """Validate an exported file completely and return it with the model it loads into (eval mode):
+    the backbone, or for an exported ensemble an :class:`~dermcam.models.ensemble.EnsembleModel`
+    (``calibrated``: whether its members apply their calibrations, as for ``ensemble:NAME``).
 
     Raises :class:`BadInputError` for a file that is not a dermcam export at all and
     :class:`CorruptError` for one that claims to be but is truncated, modified or inconsistent.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from dermcam.models.backbones import load_strict
 
     path = Path(path)
     header, meta = read_header(path)
+    if is_ensemble_document(meta):
+        return _read_ensemble(path, header, meta, calibrated)
     model = _reference_model(path, meta["backbone"], len(meta["classes"]))
     _check_tensors(path, header, model.state_dict(), meta["backbone"])
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptError(f"{path} is damaged: {first_line(exc)}") from None
+    tensors = _load_tensors(path)
     if tensor_digest(tensors) != meta["tensors_sha256"]:
         raise CorruptError(f"{path}: the weights do not match the digest in its metadata (damaged or modified)")
     model = load_strict(model, tensors, meta["backbone"], str(path))
     return ExportedFile(path, meta, tensors, sha256_file(path)), model
 
 
+def _read_ensemble(path: Path, header: dict[str, Any], meta: dict[str, Any],
+                   calibrated: bool) -> tuple[ExportedFile, EnsembleModel]:
+    """The checks of :func:`read_exported`, member by member: every tensor under exactly one member's
+    prefix, each member's names, shapes and dtypes those of its backbone built empty (before anything
+    is loaded), each member's tensors matching its own digest."""
+    from dermcam.models.backbones import load_strict
+
+    groups, strays = split_members(header, meta)
+    if strays:
+        raise CorruptError(f"{path}: tensors {strays[:3]} belong to no member of the ensemble (damaged or modified)")
+    members = meta["members"]
+    models = []
+    for member, entries in zip(members, groups):
+        model = _reference_model(path, member["backbone"], member["num_classes"])
+        _check_tensors(path, entries, model.state_dict(), member["backbone"], member["prefix"])
+        models.append(model)
+    tensors = _load_tensors(path)
+    for i, (member, model, own) in enumerate(zip(members, models, split_members(tensors, meta)[0])):
+        if tensor_digest(own) != member["tensors_sha256"]:
+            raise CorruptError(f"{path}: the weights of member {i} ({member['prefix']}*) do not match the digest in "
+                               "its metadata (damaged or modified)")
+        load_strict(model, own, member["backbone"], f"{path} member {i}")
+    exported = ExportedFile(path, meta, tensors, sha256_file(path))
+    return exported, ensemble_model(meta, models, calibrated=calibrated)
+
+
 def load_exported(path: Path, *, calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, sidecar-like dict) for an exported file; what inference commands call.
+    Dispatches on the file's schema: an exported ensemble gives what ``ensemble:NAME`` gives (an
+    :class:`~dermcam.models.ensemble.EnsembleModel` and a dict shaped as ``scoring_document``).
     ``calibrated`` matters only for an exported ensemble (whose members calibrate inside the model)."""
-    exported, model = read_exported(path)
+    exported, model = read_exported(path, calibrated=calibrated)
     return model, exported.info()
 
 
@@ -409,6 +582,10 @@ def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     written, so a bad file leaves the store byte for byte as it was. The weights are stored as
     float32 like trained checkpoints, whatever precision the file used.
     """
+    header_meta = read_header(path)[1]
+    if is_ensemble_document(header_meta):
+        raise BadInputError(f"{path} is an exported ensemble; 'ckpt restore' imports single checkpoints only. "
+                            f"Use the file as it is: dermcam evaluate {path} / dermcam explain IMAGE -c {path}")
     exported, _ = read_exported(path)
     meta = exported.meta
     source = meta.get("source") or {}

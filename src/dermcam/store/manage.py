@@ -296,11 +296,17 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
             "damaged": [{"id": d.id, "path": str(d.path), "problem": d.problem} for d in damaged]}
 
 
+def _damaged_ensembles(root: Path | None) -> list[Any]:
+    from dermcam.store.ensembles import scan_ensembles
+
+    return scan_ensembles(root)[1]
+
+
 def _ensemble_members(force: bool, root: Path | None) -> dict[str, list[str]]:
     """Checkpoint id -> ensembles naming it; a damaged manifest stops a prune that is not forced."""
-    from dermcam.store.ensembles import members_in_use, scan_ensembles
+    from dermcam.store.ensembles import members_in_use
 
-    damaged = scan_ensembles(root)[1]
+    damaged = _damaged_ensembles(root)
     if damaged and not force:
         raise CorruptError(f"{damaged[0].problem}; prune cannot tell which checkpoints that ensemble needs. "
                            "Remove it (dermcam ensemble rm NAME) or prune with --force")
@@ -335,7 +341,7 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
     """Re-hash every checkpoint's files and check every sidecar; optionally clean interrupted writes.
 
     Damaged: a sidecar, run.json or metrics line that fails validation, a missing file, a size or
-    hash mismatch (never deleted: the user decides). Incomplete: weights/state files with no sidecar,
+    hash mismatch, an ensemble manifest that fails validation (never deleted: the user decides). Incomplete: weights/state files with no sidecar,
     ``*.tmp`` temporaries and run folders that run creation left (see ``runs.creation_leftover``):
     what an interrupted write, prune or start leaves. ``clean`` deletes those, except in runs that are
     training right now and what may still be being written (younger than ``FRESH_TEMPORARY_S``).
@@ -345,6 +351,7 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
     with store_lock("store", shared=not clean, root=root):
         folders, outside = run_folders(root)
         report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in outside]
+        report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in _damaged_ensembles(root)]
         leftovers = [run for run in folders if creation_leftover(run)]
         scans = {run: scan_run(run) for run in folders if run not in leftovers}
         report["checked"] = sum(len(found) + len(bad) for found, bad in scans.values())

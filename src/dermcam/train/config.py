@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training forward; falls back to eager with a note
     sync_bn: bool = False
     seed: int = 0
     operating_point: str | None = None  # "mel:sensitivity=0.90": chosen on val after calibration

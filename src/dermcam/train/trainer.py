@@ -31,6 +31,7 @@ from dermcam.train import distributed
 from dermcam.train.config import TrainConfig, TrainResult, expand_grid, load_experiments, monitor_mode
 from dermcam.train.ema import EMA
 from dermcam.train.loss import WeightedCrossEntropy, class_weights
+from dermcam.train.pipeline import BatchPipeline
 from dermcam.train.rng import rng_state, seed_everything, seed_rank, set_rng_state
 from dermcam.train.schedule import epoch_order, lr_multiplier, param_groups
 
@@ -68,8 +69,9 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
         update_run(run_dir, status=status, error=message)
 
 
-# What a resumed run takes from the command line: where it runs. Everything else is the run's own.
-RESUME_OPTIONS = ("device",)
+# What a resumed run takes from the command line: where and how it runs, never what it computes.
+# Everything else is the run's own; Trainer._open_run says why these two.
+RESUME_OPTIONS = ("device", "compile")
 
 
 class Trainer:
@@ -89,7 +91,17 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
 
     def _open_run(self) -> None:
-        """Find the run to resume; a new run's folder is only created once its model is built."""
+        """Find the run to resume; a new run's folder is only created once its model is built.
+
+        A resumed run keeps its configuration except :data:`RESUME_OPTIONS`, ``device`` and ``compile``:
+        they say how the run executes, not what it computes (data, order, augmentation, model,
+        optimizer and schedule stay the run's own). Resuming with the same values is exact; changing
+        either changes only floating-point rounding (another device's kernels, or the fused kernels
+        of torch.compile), as resuming a GPU run on a CPU does. ``compile`` must be changeable for the
+        reason ``device`` is: a run started with ``--compile`` where it works has to be resumable
+        where it does not (or with ``--no-compile`` when compiling did not pay), and a CPU run moved
+        to a GPU may want it. A failed compile falls back to eager, so it never stops a resume either.
+        """
         from dermcam.store.runs import find_run, read_run, resumable_run, resume_point
 
         if self.resume:
@@ -115,6 +127,7 @@ class Trainer:
 
         from dermcam.data.dataset import load_prepared
         from dermcam.models.backbones import build_model, create_model, data_config, freeze_stages
+        from dermcam.models.compile import maybe_compile
         from dermcam.models.device import resolve_precision, select_device
 
         cfg = self.config
@@ -156,7 +169,13 @@ class Trainer:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.train_model = self._wrap_ddp() if self.dist.enabled else self.model
+        # eager_model: what trains without --compile (the bare model, or DDP around it); train_model: what
+        # the training forward calls, the same or its compiled form until the first step proves it works.
+        self.eager_model = self._wrap_ddp() if self.dist.enabled else self.model
+        self.train_model, self.compile_note = maybe_compile(self.eager_model, cfg.compile)
+        self.compile_pending = self.train_model is not self.eager_model
+        if self.compile_note:
+            self.progress.log(f"Note: {self.compile_note}")
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
@@ -173,6 +192,10 @@ class Trainer:
                                 f"{cfg.batch_size}; every process needs its share of a full batch")
         self.loss_fn = WeightedCrossEntropy(None if weights is None else torch.from_numpy(weights).to(self.device),
                                             cfg.label_smoothing)
+        self.pipeline = BatchPipeline(self.data.images, self.train_rows, self.train_labels,
+                                      batch_size=cfg.batch_size, preprocessing=self.preprocessing,
+                                      augment=cfg.augment, seed=cfg.seed, device=self.device,
+                                      channels_last=cfg.channels_last, shard=self.dist.shard)
         n = len(self.train_rows)
         self.batches_per_epoch = max(1, n // cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
@@ -241,27 +264,9 @@ class Trainer:
             self.ema.update(self.model, self.step)
 
     def make_batch(self, order: np.ndarray, b: int) -> tuple[Any, Any]:
-        """Batch ``b`` of the epoch: cache rows -> augmented, normalised tensors on the device."""
-        import torch
-
-        from dermcam.data.geometry import normalize, resize, to_float
-        from dermcam.train.augment import apply_augment, batch_generator, draw_augment
-
-        cfg = self.config
-        size = tuple(self.preprocessing["input_size"][-2:])
-        picks = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        mine = self.dist.shard(len(picks))  # this rank's slice of the global batch (all of it in one process)
-        x = to_float(self.data.images[self.train_rows[picks[mine]]])
-        if cfg.augment:  # drawn for the whole global batch, applied to this rank's slice
-            _, _, h, w = x.shape
-            draw = draw_augment(len(picks), w / h, batch_generator(cfg.seed, self.epoch, b))
-            x = apply_augment(x, size, draw[mine])
-        else:
-            x = resize(x, size)
-        x = normalize(x, self.preprocessing["mean"], self.preprocessing["std"]).to(self.device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, torch.from_numpy(self.train_labels[picks[mine]]).to(self.device)
+        """Batch ``b`` of this epoch, cache rows -> augmented, normalised tensors on the device, computed
+        now (no prefetch): for benchmarks and tests; the loop reads :meth:`BatchPipeline.epoch`."""
+        return self.pipeline.batch(order, self.epoch, b)
 
     def loss_scale(self, order: np.ndarray, b: int) -> float:
         """Factor that turns this rank's mean loss into its share of the global batch's mean loss.
@@ -289,6 +294,36 @@ class Trainer:
         self.scaler.scale(scaled / self.config.accumulate).backward()
         return float(loss.detach())
 
+    def _first_compiled_step(self, x: Any, y: Any, scale: float) -> float:
+        """The first :meth:`forward_backward` of a compiled model, with a way back to eager.
+
+        torch.compile compiles at the first call (forward) and the first backward, so a backend that
+        cannot handle this model or machine fails here, not in :meth:`build`. The step is then undone
+        (RNG state, BatchNorm statistics and gradients as they were before it: a failed compiled
+        forward may have run part of the model) and redone eagerly, so the run continues exactly as
+        an eager run would, with the note logged and written to every sidecar. It is always the
+        epoch's first micro-batch, right after ``zero_grad``, so no earlier gradient is lost.
+        """
+        import torch
+
+        from dermcam.models.compile import compile_failed_note
+
+        self.compile_pending = False
+        rng = rng_state()
+        buffers = {name: t.detach().clone() for name, t in self.model.named_buffers()}
+        try:
+            return self.forward_backward(x, y, scale)
+        except Exception as exc:  # noqa: BLE001 - a compile failure means "train eagerly"; a real error recurs below
+            with torch.no_grad():
+                for name, t in self.model.named_buffers():
+                    t.copy_(buffers[name])
+            set_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_model = self.eager_model
+            self.compile_note = compile_failed_note(exc)
+            self.progress.log(f"Note: {self.compile_note}")
+            return self.forward_backward(x, y, scale)
+
     def train_one_epoch(self) -> float:
         cfg = self.config
         order = epoch_order(len(self.train_rows), self.train_labels, cfg.seed, self.epoch, cfg.balance,
@@ -299,18 +334,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, seen = 0.0, 0
         self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
-        for b in range(self.batches_per_epoch):
-            x, y = self.make_batch(order, b)
-            step = (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch
-            scale = self.loss_scale(order, b) if self.dist.enabled else 1.0
-            # Between optimizer steps DDP need not average gradients: they only accumulate locally.
-            with contextlib.nullcontext() if step or not self.dist.enabled else self.train_model.no_sync():
-                loss = self.forward_backward(x, y, scale)
-            if step:
-                self._optimizer_step()
-            total_loss += loss * scale * len(y)
-            seen += len(y)
-            self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
+        with self.pipeline.epoch(order, self.epoch, self.batches_per_epoch) as batches:
+            for b, (x, y) in enumerate(batches):
+                step = (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch
+                scale = self.loss_scale(order, b) if self.dist.enabled else 1.0
+                # Between optimizer steps DDP need not average gradients: they only accumulate locally.
+                with contextlib.nullcontext() if step or not self.dist.enabled else self.eager_model.no_sync():
+                    loss = (self._first_compiled_step(x, y, scale) if self.compile_pending
+                            else self.forward_backward(x, y, scale))
+                if step:
+                    self._optimizer_step()
+                total_loss += loss * scale * len(y)
+                seen += len(y)
+                self.progress.advance(1, loss=total_loss / seen, lr=self.optimizer.param_groups[0]["lr"])
         self.progress.finish()
         total_loss, seen = self.dist.all_reduce_sum([total_loss, seen])
         return total_loss / max(1, seen)
@@ -372,6 +408,7 @@ class Trainer:
             "config": dataclasses.asdict(cfg), "step": self.step,
             "dataset": {"name": self.data.name, "fingerprint": self.data.fingerprint},
             "pretrained": self.pretrained, "precision": self.precision, "device": self.device.type,
+            "compiled": self.train_model is not self.eager_model, "compile_note": self.compile_note,
             "world_size": self.dist.world_size,  # information only: the state does not depend on it
         }
         with store_lock("store", shared=True, root=self.root):
