@@ -673,3 +673,19 @@ def test_the_ensemble_sees_the_cache_image_as_geometry_hands_it_over() -> None:
     old = {**member, "preprocessing": {k: v for k, v in member["preprocessing"].items() if k != "cache_size"}}
     document = scoring_document(Ensemble(Path("x.json"), {**manifest, "members": [old]}))
     assert geometry.cache_size(document["preprocessing"]) == tuple(geometry.DEFAULT_CACHE_SIZE)
+
+
+def test_a_training_comparison_offers_and_stores_its_best_ensemble(runner, home: Path) -> None:
+    """Several runs in one `dermcam train`: the table's last row is their greedy ensemble, and
+    --ensemble NAME stores it (checked before any run starts: a reserved name trains nothing)."""
+    refused = cli(runner, "train", "--backbone", "test_efficientnet", *TINY, "--seed", "0", "--seed", "1",
+                  "--ensemble", "best")
+    assert refused.exit_code == ExitCode.BAD_INPUT and not (home / "runs").exists()
+    result = cli(runner, "train", "--backbone", "test_efficientnet", *TINY, "--image-size", "48", "--seed", "0",
+                 "--seed", "1", "--ensemble", "duo")
+    assert result.exit_code == 0, result.output
+    assert "ensemble" in result.output and "ensemble:duo" in result.output
+    shown = run_json(runner, ["ensemble", "show", "duo", "--json"])
+    assert shown["selection"]["method"] == "greedy" and len(shown["selection"]["candidates"]) == 2
+    assert {m["id"] for m in shown["members"]} <= set(shown["selection"]["candidates"])
+    assert shown["problem"] is None

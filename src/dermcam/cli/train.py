@@ -92,6 +92,9 @@ def train_command(
                                 help="Continue the latest run (or --run ID) exactly where it stopped."),
     run: Optional[str] = typer.Option(None, "--run",
                                       help="With --resume: the run id (or a unique prefix) to continue."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", metavar="NAME",
+                                           help="When several runs are compared: store their best ensemble (greedy "
+                                                "selection on validation) as NAME; see dermcam ensemble."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Fine-tune an ImageNet-pretrained backbone on a prepared data set.
@@ -99,10 +102,16 @@ def train_command(
     Every epoch writes a checkpoint (safetensors + JSON sidecar) to the store; a killed run continues
     with --resume. At the end the best checkpoint is calibrated on the val split (temperature
     scaling; see dermcam calibrate) and evaluated on the test split. Several --backbone/--lr/--image-size/--seed values, or --config FILE, train one run
-    per configuration and print a comparison table.
+    per configuration and print a comparison table, with the best ensemble of the runs (greedy
+    selection on validation) as its last row; --ensemble NAME stores it (--json prints the runs only).
     """
     from dermcam.progress import rich_progress
-    from dermcam.train.trainer import best_result, train_configurations
+    from dermcam.train.trainer import best_result, ensemble_offer, train_configurations
+
+    if ensemble is not None:
+        from dermcam.store.ensembles import check_new_name
+
+        check_new_name(ensemble)  # before any run starts
 
     given: dict[str, Any] = {
         "dataset": data, "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size,
@@ -117,6 +126,8 @@ def train_command(
         results = train_configurations({k: v for k, v in given.items() if v is not None},
                                        grid={k: v for k, v in grid.items() if v}, config_file=config,
                                        resume=resume, run=run, progress=progress)
+        offer, created = (ensemble_offer(results, save_as=ensemble, progress=progress)
+                          if len(results) > 1 and (ensemble or not json_output) else (None, None))
     best = best_result(results)
     if json_output:
         print_json([r.to_dict(best) for r in results])
@@ -124,7 +135,7 @@ def train_command(
     for result in results:
         views.train_result(result)
     if len(results) > 1:
-        views.train_comparison(results, best)
+        views.train_comparison(results, best, offer, created)
 
 
 def register(app: typer.Typer) -> None:

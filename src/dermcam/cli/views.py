@@ -211,23 +211,40 @@ def train_result(result: Any) -> None:
         console.print(f"Report: {result.report_files[0].parent}")
 
 
-def train_comparison(results: list[Any], best: Any) -> None:
+def train_comparison(results: list[Any], best: Any, offer: Any = None, created: Any = None) -> None:
+    """The runs side by side, and the best ensemble of them (``offer``, a greedy selection on val),
+    marked * instead of the best run when it beats it on validation."""
     from rich.table import Table
 
     from dermcam.evaluate.metrics import format_value
 
-    table = Table(title="Comparison (best run marked *)")
+    ensemble_wins = offer is not None and best is not None and best.best_value is not None \
+        and offer.score > offer.best_single[1] and best.config.monitor == "val_balanced_accuracy"
+    table = Table(title="Comparison (best on validation marked *)")
     for column in ("", "run", "backbone", "lr", "size", "seed", "epochs", "best val", "test bal.acc", "test mel recall"):
         table.add_column(column)
     for r in results:
         test = r.test_metrics or {}
-        table.add_row("*" if best is not None and r.run_id == best.run_id else "", r.run_id, r.config.backbone,
+        marked = best is not None and r.run_id == best.run_id and not ensemble_wins
+        table.add_row("*" if marked else "", r.run_id, r.config.backbone,
                       f"{r.config.lr:g}", str(r.config.image_size or "default"), str(r.config.seed),
                       str(r.epochs_done), format_value(r.best_value), format_value(test.get("balanced_accuracy")),
                       format_value(test.get("recall_mel")))
+    if offer is not None:
+        members = " + ".join(f"{i}" + (f" x{n}" if n > 1 else "") for i, n in offer.members)
+        table.add_row("*" if ensemble_wins else "", "ensemble", members, "", "", "", "",
+                      format_value(offer.score), "-", "-")
     console.print(table)
     if best is not None:
-        console.print(f"Best: [bold]{best.best_id}[/] — explain and evaluate use the best checkpoint by default.")
+        console.print(f"Best run: [bold]{best.best_id}[/] — explain and evaluate use the best checkpoint by default.")
+    if created is not None:
+        console.print(f"Stored the ensemble as [bold]ensemble:{created.name}[/]; evaluate it on test with: "
+                      f"dermcam evaluate ensemble:{created.name}", highlight=False)
+    elif offer is not None and len(offer.members) > 1:
+        weights = ",".join(str(n) for _, n in offer.members)
+        console.print(f"Ensemble of the runs (greedy on val, balanced accuracy {offer.score:.3f} vs best single "
+                      f"{offer.best_single[1]:.3f}); store it with: dermcam ensemble create NAME "
+                      f"{' '.join(i for i, _ in offer.members)} --weights {weights}", highlight=False)
 
 
 def with_ci(value: Any, ci: list[float] | None) -> str:

@@ -217,13 +217,14 @@ def offer_ensemble(checkpoint_ids: list[str], *, device: str = "auto", batch_siz
 def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None = None,
                     dataset: str | None = None, weights: list[float] | None = None, select: str = "all",
                     operating_point: str | None = None, replace: bool = False, device: str = "auto",
-                    batch_size: int = 64, root: Path | None = None,
+                    batch_size: int = 64, preselected: Selection | None = None, root: Path | None = None,
                     progress: Progress | None = None) -> EnsembleResult:
     """Make and store an ensemble of ``refs`` (or of the ``top`` best runs), scored on validation.
 
     ``select="greedy"`` keeps the members (and weights) that greedy selection picks; ``weights`` gives
     them by hand instead. ``operating_point`` (``mel:sensitivity=0.90``) is chosen on the ensemble's
-    own validation probabilities, the same ones ``evaluate`` will compute.
+    own validation probabilities, the same ones ``evaluate`` will compute. ``preselected``: a greedy
+    selection already made over ``refs`` (by :func:`offer_ensemble`), so it is not computed again.
     """
     from dermcam.evaluate.metrics import compute_metrics
     from dermcam.evaluate.operating import check_labels, choose, parse_operating_point
@@ -257,8 +258,11 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
     selection: dict[str, Any] = {"method": select}
     chosen, chosen_weights = ckpts, list(weights or [1.0] * len(ckpts))
     if select == "greedy":
-        probs = member_probabilities(ckpts, split, device=device, batch_size=batch_size, progress=progress)
-        picked = greedy_select(probs, split.y_true, [c.id for c in ckpts])
+        if preselected is not None and preselected.candidates == [c.id for c in ckpts]:
+            picked = preselected
+        else:
+            probs = member_probabilities(ckpts, split, device=device, batch_size=batch_size, progress=progress)
+            picked = greedy_select(probs, split.y_true, [c.id for c in ckpts])
         chosen = [c for c, n in zip(ckpts, picked.counts) if n]
         chosen_weights = [float(n) for n in picked.counts if n]
         selection.update(picked.to_dict())

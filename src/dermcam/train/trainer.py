@@ -600,3 +600,21 @@ def best_result(results: list[TrainResult]) -> TrainResult | None:
         return None
     sign = -1 if monitor_mode(scored[0].config.monitor) == "min" else 1
     return max(scored, key=lambda r: sign * r.best_value)
+
+
+def ensemble_offer(results: list[TrainResult], *, save_as: str | None = None, root: Path | None = None,
+                   progress: Progress | None = None) -> tuple[Any, Any]:
+    """The best ensemble of the compared runs (greedy selection over their best checkpoints on
+    validation) and, with ``save_as``, that ensemble stored under this name: ``(selection, created)``;
+    ``(None, None)`` when fewer than two runs can be combined."""
+    from dermcam.evaluate.ensemble import create_ensemble, offer_ensemble
+
+    ids = [r.best_id for r in results if r.best_id]
+    if len(ids) < 2:
+        return None, None
+    selection = offer_ensemble(ids, root=root, progress=progress)
+    if selection is None or save_as is None:
+        return selection, None
+    created = create_ensemble(save_as, selection.candidates, select="greedy", preselected=selection, root=root,
+                              progress=progress)
+    return selection, created
