@@ -210,10 +210,12 @@ def test_experiments_compare_runs_and_mark_the_best(runner, home: Path) -> None:
     assert table.exit_code == 0, table.output
     rows = [line.strip(" │┃|") for line in table.stdout.splitlines() if "test_efficientnet" in line
             and re.search(r"\b[0-9a-f]{6}\b", line) and "(" not in line]
-    marked = [row for row in rows if row.startswith("*")]
-    best = re.search(r"Best: ([0-9a-f]{6}):", table.stdout)
-    assert len(rows) == 2 and len(marked) == 1 and best, table.stdout
-    assert best.group(1) in marked[0]  # the marked row is the run named best
+    ensemble_row = [line.strip(" │┃|") for line in table.stdout.splitlines() if "ensemble" in line and "│" in line]
+    marked = [row for row in rows + ensemble_row if row.startswith("*")]
+    best = re.search(r"Best run: ([0-9a-f]{6}):", table.stdout)
+    assert len(rows) == 2 and len(ensemble_row) == 1 and len(marked) == 1 and best, table.stdout
+    # the marked row is the run named best, or the runs' ensemble when it beats that run on validation
+    assert best.group(1) in marked[0] or marked[0] == ensemble_row[0]
 
 
 def test_experiments_from_toml(runner, home: Path, tmp_path: Path) -> None:
