@@ -14,7 +14,8 @@ from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 
 @handle_errors
 def evaluate_command(
-    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, exported file (default: best)."),
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, ensemble (ensemble:NAME), "
+                                                          "exported file (default: best)."),
     split: str = typer.Option("test", help="train | val | test."),
     data: Optional[str] = typer.Option(None, "--data", "-d",
                                        help="Data set (default: the one it was trained on). Any prepared set works, "
@@ -26,6 +27,7 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resampling."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (fp32: the same scores as explain, on every machine) | bf16 | fp16 | fp32."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -44,7 +46,8 @@ def evaluate_command(
 
     with rich_progress() as progress:
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
-                          resamples=resamples, seed=seed, calibrated=not no_calibration, out_dir=out,
+                          batch_size=batch_size, resamples=resamples, seed=seed, calibrated=not no_calibration,
+                          out_dir=out,
                           progress=progress)
         if out is not None:
             from dermcam.report.build import write_html_report

@@ -149,6 +149,8 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         raise BadInputError(f"--split must be train, val or test, not '{split}'")
     if isinstance(resamples, bool) or not isinstance(resamples, int) or not 0 <= resamples <= 100_000:
         raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError("--batch-size must be a whole number of 1 or more")
     model, sidecar = load_for_inference(ref, root, calibrated=calibrated)
     classes = list(sidecar["classes"])
     scored_set = scored_split(sidecar, dataset, split, root)

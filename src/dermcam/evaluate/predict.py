@@ -33,8 +33,7 @@ def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, preprocessing: 
     try:
         with torch.inference_mode(), autocast(device, precision):
             for chunk in batches(np.asarray(rows), batch_size):
-                x = batch_input(images[chunk], preprocessing)
-                x = x.to(device)
+                x = batch_input(images[chunk], preprocessing, device=device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 views = flips(x) if tta else [x]
