@@ -11,7 +11,6 @@ import ast
 import json
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ import pytest
 from dermcam.cli import app
 from dermcam.store.paths import home
 from test_ckpt import invoke, list_json, snapshot
+from test_export import join_file, split_file
+from test_onnx import WITHOUT_DERMCAM
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
 NAME = "duo"
@@ -70,19 +71,6 @@ def export(runner, out: Path, *extra: str) -> dict:
     result = invoke(runner, "export", REF, "-o", str(out), "--json", *extra)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def split_file(path: Path) -> tuple[dict, bytes]:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def join_file(path: Path, header: dict, data: bytes) -> Path:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-    return path
 
 
 def metadata(path: Path) -> dict:
@@ -333,17 +321,6 @@ def _docs_block(marker: str) -> str:
     matching = [b for b in blocks if marker in b]
     assert len(matching) == 1, f"docs/checkpoints.md should hold exactly one snippet with {marker!r}"
     return matching[0]
-
-
-# Runs a snippet where dermcam cannot be imported (as tests/test_onnx.py does): no path that holds
-# the package, checked with find_spec before, and no dermcam module loaded after.
-WITHOUT_DERMCAM = """
-import importlib.util, os, sys
-sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "dermcam"))]
-assert importlib.util.find_spec("dermcam") is None
-exec(compile(open("snippet.py").read(), "snippet.py", "exec"))
-assert not [m for m in sys.modules if m.split(".")[0] == "dermcam"]
-"""
 
 
 def run_snippet(folder: Path, snippet: str) -> dict[str, float]:
