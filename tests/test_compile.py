@@ -86,3 +86,17 @@ def test_a_tiny_run_with_real_torch_compile_works_or_falls_back_with_a_note(runn
     else:
         assert sidecar["compile_note"].startswith("--compile ") and "--compile" in result.stderr
     assert 0.0 <= run["test_metrics"]["balanced_accuracy"] <= 1.0
+
+
+def test_evaluate_compile_falls_back_to_eager_with_a_warning_and_the_same_answer(runner, home: Path,
+                                                                                 monkeypatch) -> None:
+    """`evaluate --compile` where compiling fails mid-run: the same metrics as without it, one warning."""
+    run_json(runner, ["train", *TINY, "--epochs", "1", "--json"])
+    plain = run_json(runner, ["evaluate", "--resamples", "0", "--json"])
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: CompilesLazilyThenFails(module))
+    result = runner.invoke(app, ["evaluate", "--resamples", "0", "--compile", "--json"])
+    assert result.exit_code == 0, result.output
+    fallback = json.loads(result.stdout)
+    assert fallback["metrics"] == plain["metrics"]
+    assert any("--compile failed, running eagerly" in w for w in fallback["warnings"])
+    assert "--compile failed" in " ".join(result.stderr.split())

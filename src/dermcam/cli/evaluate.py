@@ -28,6 +28,9 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (fp32: the same scores as explain, on every machine) | bf16 | fp16 | fp32."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model: slower start, faster "
+                                                          "passes; worth it for large sets (falls back to "
+                                                          "eager with a warning)."),
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -47,7 +50,7 @@ def evaluate_command(
     with rich_progress() as progress:
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
                           batch_size=batch_size, resamples=resamples, seed=seed, calibrated=not no_calibration,
-                          out_dir=out,
+                          compile=compile, out_dir=out,
                           progress=progress)
         if out is not None:
             from dermcam.report.build import write_html_report

@@ -122,7 +122,7 @@ def calibration_report(y_true: np.ndarray, raw: np.ndarray, outputs: Any) -> dic
 
 def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str | None = None,
              tta: bool = False, device: str = "auto", precision: str = "auto", batch_size: int = 64,
-             resamples: int = DEFAULT_RESAMPLES, seed: int = 0, calibrated: bool = True,
+             resamples: int = DEFAULT_RESAMPLES, seed: int = 0, calibrated: bool = True, compile: bool = False,
              out_dir: Path | None = None, root: Path | None = None,
              progress: Progress | None = None) -> EvalResult:
     """Evaluate a checkpoint on a split of its data set, or of any prepared ``dataset`` (external
@@ -132,6 +132,9 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     confusion_matrix.png, reliability.png, roc.png, pr.png and predictions.csv; report.html is built from
     them by :func:`dermcam.report.build.write_html_report` (above ``explain``, whose Grad-CAMs it shows),
     which training and ``dermcam evaluate --out`` call.
+
+    ``compile``: torch.compile for the forward passes (on this project's 2-core CPU 1.65x faster after a
+    15 s compile: worth it for large sets); a failure falls back to eager with a warning.
 
     Probabilities are calibrated when the checkpoint has a calibration (``calibrated=False``: raw);
     ``metrics["calibration"]`` compares them with the raw ones. With an operating point,
@@ -157,8 +160,10 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     data, y_true, groups = scored_set.data, scored_set.y_true, scored_set.groups
     dev = select_device(device)
     model.to(dev)
+    notes: list[str] = []  # a --compile that fell back to eager says so
     raw = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
                   precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
+                  compile=compile, notes=notes,
                   progress=progress, description=f"evaluate {split}")
     outputs = model_outputs(raw, sidecar, calibrated=calibrated)
     probs = outputs.probs
@@ -173,7 +178,8 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         metrics["operating_point"] = operating_metrics(y_true, outputs, groups, resamples=resamples, seed=seed)
     subgroups = subgroup_metrics(y_true, probs, scored_set.index, groups, classes, scored=scored,
                                  resamples=resamples, seed=seed)
-    result = EvalResult(sidecar["id"], data.name, split, metrics, classes, out_dir, [], scored_set.warnings,
+    result = EvalResult(sidecar["id"], data.name, split, metrics, classes, out_dir, [],
+                        scored_set.warnings + notes,
                         scored_set.trained_on, [classes[i] for i in scored_set.shared], scored_set.left_out,
                         subgroups)
     if out_dir is not None:
