@@ -70,6 +70,15 @@ def _beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[1] > b[1] + TOLERANCE
 
 
+def _first_best(scores: list[tuple[float, float]]) -> int:
+    """Index of the best score; among scores equal up to rounding, the first (the earlier candidate)."""
+    best = 0
+    for i in range(1, len(scores)):
+        if _beats(scores[i], scores[best]):
+            best = i
+    return best
+
+
 def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
                   rounds: int = MAX_ROUNDS) -> Selection:
     """Caruana's forward selection with replacement over candidates' validation probabilities.
@@ -81,10 +90,7 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
         raise BadInputError("greedy selection needs at least one candidate")
     y_true = np.asarray(y_true, dtype=np.int64)
     singles = [_score(y_true, p) for p in probs]
-    start = 0
-    for i in range(1, len(probs)):
-        if _beats(singles[i], singles[start]):
-            start = i
+    start = _first_best(singles)
     counts = np.zeros(len(probs), dtype=np.int64)
     counts[start] = 1
     total = probs[start].astype(np.float64).copy()
@@ -92,10 +98,7 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
     for _ in range(max(0, rounds - 1)):
         n = counts.sum()
         trials = [_score(y_true, (total + p) / (n + 1)) for p in probs]
-        pick = 0
-        for i in range(1, len(probs)):
-            if _beats(trials[i], trials[pick]):
-                pick = i
+        pick = _first_best(trials)
         counts[pick] += 1
         total += probs[pick]
         history.append(trials[pick][0])
@@ -197,18 +200,17 @@ def offer_ensemble(checkpoint_ids: list[str], *, device: str = "auto", batch_siz
     from dermcam.store.ensembles import check_members
     from dermcam.store.references import resolve
 
+    def fits(first: Checkpoint, ckpt: Checkpoint) -> bool:
+        try:
+            check_members([first, ckpt])
+        except BadInputError:
+            return False
+        return ckpt.rank_group == first.rank_group
+
     ckpts = [resolve(i, root) for i in dict.fromkeys(checkpoint_ids)]
     if not ckpts:
         return None
-    first = ckpts[0]
-    combinable = []
-    for ckpt in ckpts:
-        try:
-            check_members([first, ckpt] if ckpt is not first else [first])
-        except BadInputError:
-            continue
-        if ckpt.rank_group == first.rank_group:
-            combinable.append(ckpt)
+    combinable = [ckpts[0]] + [c for c in ckpts[1:] if fits(ckpts[0], c)]
     if len(combinable) < 2:
         return None
     return select_members(combinable, device=device, batch_size=batch_size, root=root, progress=progress)
