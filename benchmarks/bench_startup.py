@@ -25,17 +25,18 @@ from _common import report
 COMMANDS = [["--help"], ["prepare", "--help"], ["train", "--help"], ["explain", "--help"], ["--version"]]
 PROBE = ("import resource, sys, runpy; sys.argv = ['dermcam'] + sys.argv[1:]\n"
          "try:\n    runpy.run_module('dermcam', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-         "heavy = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+         "heavy = [m for m in ('torch', 'timm', 'torchvision', 'torch._dynamo') if m in sys.modules]\n"
          "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'HEAVY', ','.join(heavy) or '-', file=sys.stderr)")
-# What `dermcam explain` imports, in the order it imports it. torch._dynamo is not imported by torch
-# itself: timm pulls it in (torchvision.ops at import, and a torch.compiler.disable in timm.models).
-IMPORT_STEPS = ("dermcam.cli", "dermcam.explain.pipeline", "dermcam.store.inference", "torch", "torch._dynamo",
-                "torchvision", "timm")
-# The collector is paused, as dermcam.models.backbones.import_timm pauses it for the heavy ones.
+# What `dermcam explain` imports, in the order it imports it; the last step is
+# dermcam.models.timm_import.import_timm (torchvision and timm, torch._dynamo left for later, the
+# collector paused), the way evaluate and explain import timm.
+IMPORT_STEPS = ("dermcam.cli", "dermcam.explain.pipeline", "dermcam.store.inference", "torch", "timm")
 STEP_PROBE = ("import gc, importlib, sys, time\n"
               "gc.disable()\n"
+              "from dermcam.models.timm_import import import_timm\n"
               "for name in sys.argv[1:]:\n"
-              "    start = time.perf_counter(); importlib.import_module(name)\n"
+              "    start = time.perf_counter()\n"
+              "    import_timm() if name == 'timm' else importlib.import_module(name)\n"
               "    print(name, time.perf_counter() - start)")
 
 
@@ -81,6 +82,8 @@ def main() -> None:
             argv = ["explain", str(image), "-c", ckpt_id, "-o", str(Path(tmp) / "out")]
             rows.append({"command": "dermcam explain IMAGE (efficientnet_lite0, 224x224)",
                          **time_command(argv, args.repeat, env=os.environ.copy())})
+            rows.append({"command": "the same, DERMCAM_EAGER_DYNAMO=1 (torch._dynamo imported with timm)",
+                         **time_command(argv, args.repeat, env={**os.environ, "DERMCAM_EAGER_DYNAMO": "1"})})
         extra["explain_imports_s"] = import_breakdown(args.repeat)
         print("explain's imports, in order (median s):",
               ", ".join(f"{k} {v:.2f}" for k, v in extra["explain_imports_s"].items()))

@@ -181,13 +181,3 @@ def test_the_docs_snippet_runs_without_dermcam_and_agrees(runner, tmp_path: Path
 def test_export_help_names_the_format(runner) -> None:
     result = runner.invoke(app, ["ckpt", "export", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--format" in result.output and "onnx" in result.output
-
-
-def test_timm_is_imported_with_its_objects_frozen() -> None:
-    """Start-up (issue 16): import_timm freezes what the import built, so neither later collections nor
-    the interpreter's exit traverse it again, and leaves the collector on."""
-    code = ("import gc; from dermcam.models.backbones import import_timm; import_timm(); "
-            "print(gc.get_freeze_count(), gc.isenabled())")
-    frozen, enabled = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                     check=True).stdout.split()
-    assert int(frozen) > 100_000 and enabled == "True"

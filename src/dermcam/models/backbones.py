@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import difflib
-import gc
-import sys
 from collections.abc import Mapping
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from dermcam.errors import BadInputError, CorruptError, first_line
+from dermcam.models.timm_import import import_timm
 from dermcam.progress import Progress
 
 if TYPE_CHECKING:
     import torch
-
-
-def import_timm() -> ModuleType:
-    """``import timm`` (torch, torchvision and torch._dynamo come with it), the first time with the cyclic
-    garbage collector paused and everything the import built frozen (:func:`gc.freeze`).
-
-    The import creates about 375,000 objects (modules, classes, functions, dynamo's and sympy's tables)
-    that live until the process exits. The collector would traverse them again and again while they
-    are created, and once more while the interpreter shuts down: together about 1.7 s of a 5 s
-    ``dermcam explain`` on the 2-core VM (benchmarks/bench_startup.py). Frozen objects are skipped by
-    every later collection. The price: whatever else is alive at that moment and later becomes
-    unreachable *cyclic* garbage is never freed; in a CLI process that is the import itself, and in a
-    notebook it happens only if dermcam is the first to import timm.
-    """
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import timm
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-    return timm
 
 
 def build_model(backbone: str, num_classes: int) -> torch.nn.Module:

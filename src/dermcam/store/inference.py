@@ -25,12 +25,12 @@ def load_for_inference(ref: str | Path | None = None, root: Path | None = None, 
                        calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, sidecar) for a store checkpoint, an ensemble or a self-contained exported file.
 
-    torch and timm are imported first, through :func:`dermcam.models.backbones.import_timm`: this is
+    torch and timm are imported first, through :func:`dermcam.models.timm_import.import_timm`: this is
     where evaluate and explain first need them, and that import is most of their start-up.
     For an ensemble the sidecar is :func:`dermcam.store.ensembles.scoring_document` and ``calibrated``
     says whether its members apply their calibrations (``--no-calibration``: the mean of raw softmaxes).
     """
-    from dermcam.models.backbones import import_timm
+    from dermcam.models.timm_import import import_timm
     from dermcam.store.ensembles import ensemble_name, read_ensemble
 
     import_timm()
