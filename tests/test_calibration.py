@@ -325,7 +325,7 @@ def test_export_and_restore_keep_the_calibration(runner, home: Path, old_checkpo
     run_json(runner, ["calibrate", old_checkpoint, "--operating-point", "mel:sensitivity=0.6", "--json"])
     sidecar = _sidecar(home, old_checkpoint)
     file = Path(export(runner, old_checkpoint, tmp_path / "m.safetensors")["file"])
-    from dermcam.store.exchange import read_header
+    from dermcam.store.exported import read_header
 
     meta = read_header(file)[1]
     assert meta["calibration"] == sidecar["calibration"] and meta["operating_point"] == sidecar["operating_point"]

@@ -120,7 +120,7 @@ def assert_close(a: object, b: object, tolerance: float = 1e-6, where: str = "")
 
 def test_export_writes_members_under_prefixes_and_records_them(runner, store: Path, tmp_path: Path) -> None:
     from dermcam.store.ensembles import read_ensemble
-    from dermcam.store.exchange import tensor_digest
+    from dermcam.store.exported import tensor_digest
 
     result = export(runner, tmp_path)  # a folder: the default name
     out = Path(result["file"])
@@ -160,17 +160,12 @@ def test_export_writes_members_under_prefixes_and_records_them(runner, store: Pa
     assert again.exit_code == 2 and "--force" in again.stderr
     assert invoke(runner, "export", NAME, "-o", str(out), "--force").exit_code == 0  # a bare name works too
 
-    before = snapshot(home())
-    refused = invoke(runner, "restore", str(out))
-    assert refused.exit_code == 2 and "exported ensemble" in refused.stderr, refused.output
-    assert refused.stderr.startswith("Error: ") and refused.stderr.count("\n") == 1
-    assert snapshot(home()) == before
 
 
 def test_evaluate_and_load_the_file_exactly_as_the_ensemble(runner, store: Path, tmp_path: Path,
                                                             photos: list[Path]) -> None:
     from dermcam.store.ensembles import read_ensemble, scoring_document
-    from dermcam.store.exchange import load_exported
+    from dermcam.store.exported import load_exported
 
     out = Path(export(runner, tmp_path / "duo.safetensors")["file"])
     reports = {}
@@ -240,6 +235,92 @@ def test_half_and_bf16_halve_the_file_and_still_answer(runner, store: Path, tmp_
     assert both.exit_code == 2
 
 
+def restore(runner, path: Path, *extra: str) -> dict:
+    result = invoke(runner, "restore", str(path), "--json", *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_restore_brings_an_exported_ensemble_into_another_store(runner, store: Path, tmp_path: Path,
+                                                                 photos: list[Path], monkeypatch) -> None:
+    """A hospital receives the file: after ``ckpt restore`` the ensemble is in its store by name, its
+    members are imported checkpoints, and it answers exactly as the file (and the original) does."""
+    from dermcam.store.ensembles import read_ensemble
+
+    out = Path(export(runner, tmp_path / "duo.safetensors")["file"])
+    _, expected = probabilities(out, photos)
+    original = read_ensemble(NAME).manifest
+    other = tmp_path / "hospital"
+    shutil.copytree(store / "datasets", other / "datasets")
+    monkeypatch.setenv("DERMCAM_HOME", str(other))
+
+    result = restore(runner, out)
+    assert result["kind"] == "ensemble" and result["created"] is True and result["id"] == REF
+    assert [m["created"] for m in result["members"]] == [True, True]
+    assert [m["backbone"] for m in result["members"]] == ["test_resnet", "test_efficientnet"]
+    manifest = read_ensemble(NAME).manifest
+    assert [m["weight"] for m in manifest["members"]] == pytest.approx([2 / 3, 1 / 3], abs=1e-12)
+    assert [m["calibration"] for m in manifest["members"]] == [m["calibration"] for m in original["members"]]
+    assert manifest["operating_point"] == original["operating_point"]
+    rows = {r["id"]: r for r in list_json(runner)}
+    for member in result["members"]:
+        assert "imported" in rows[member["id"]]["flags"] and not rows[member["id"]]["resumable"]
+    _, got = probabilities(REF, photos)
+    assert np.abs(got - expected).max() <= 1e-6
+    listed = runner.invoke(app, ["ensemble", "list", "--json"])
+    assert listed.exit_code == 0 and NAME in listed.stdout
+
+    before = snapshot(other)  # the same file again: nothing changes
+    again = restore(runner, out)
+    assert again["created"] is False and not any(m["created"] for m in again["members"])
+    assert snapshot(other) == before
+    text = invoke(runner, "restore", str(out))
+    assert text.exit_code == 0 and "already in the store" in text.stdout
+
+
+def test_restore_in_the_store_it_came_from_reuses_the_members(runner, store: Path, tmp_path: Path,
+                                                               photos: list[Path]) -> None:
+    from dermcam.store.ensembles import read_ensemble
+
+    out = Path(export(runner, tmp_path / "duo.safetensors")["file"])
+    runs = sorted(p.name for p in (store / "runs").iterdir())
+    assert restore(runner, out)["created"] is False  # 'duo' is this very ensemble
+    copy = restore(runner, out, "--name", "duo-copy")
+    assert copy["created"] is True and copy["id"] == "ensemble:duo-copy"
+    assert not any(m["created"] for m in copy["members"])  # the source checkpoints themselves
+    assert sorted(p.name for p in (store / "runs").iterdir()) == runs
+    assert [m["id"] for m in read_ensemble("duo-copy").manifest["members"]] == \
+        [m["id"] for m in read_ensemble(NAME).manifest["members"]]
+    assert np.abs(probabilities("ensemble:duo-copy", photos)[1] - probabilities(REF, photos)[1]).max() <= 1e-6
+
+
+def test_restore_refuses_a_taken_name_a_damaged_file_and_a_misplaced_name(runner, store: Path,
+                                                                          tmp_path: Path) -> None:
+    out = Path(export(runner, tmp_path / "duo.safetensors")["file"])
+    created = runner.invoke(app, ["ensemble", "create", "other", "--top", "1", "--json"])
+    assert created.exit_code == 0, created.output
+    renamed = with_meta(out, tmp_path / "renamed.safetensors", lambda m: m.update(name="other"))
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    damaged = _damaged(out, folder)
+    before = snapshot(home())
+    taken = invoke(runner, "restore", str(renamed))
+    assert taken.exit_code == 2 and "--name" in taken.stderr and taken.stderr.count("\n") == 1, taken.output
+    for name in ("flipped.safetensors", "digest.safetensors", "weights.safetensors"):
+        path, code, words = damaged[name]
+        result = invoke(runner, "restore", str(path))
+        assert result.exit_code == code and words in result.stderr, (name, result.output)
+    assert snapshot(home()) == before
+    single = invoke(runner, "export", f"{list_json(runner)[0]['id']}", "-o", str(tmp_path / "one.safetensors"))
+    assert single.exit_code == 0, single.output
+    before = snapshot(home())
+    misplaced = invoke(runner, "restore", str(tmp_path / "one.safetensors"), "--name", "x")
+    assert misplaced.exit_code == 2 and "--name" in misplaced.stderr, misplaced.output
+    bad_name = invoke(runner, "restore", str(out), "--name", "best")
+    assert bad_name.exit_code == 2 and bad_name.stderr.count("\n") == 1, bad_name.output
+    assert snapshot(home()) == before
+
+
 def _damaged(good: Path, folder: Path) -> dict[str, tuple[Path, int, str]]:
     """name -> (file, exit code, words of the message): ways an exported ensemble can be wrong."""
     raw = good.read_bytes()
@@ -282,7 +363,7 @@ def _damaged(good: Path, folder: Path) -> dict[str, tuple[Path, int, str]]:
 def test_a_damaged_file_is_one_line_and_nothing_loads(runner, store: Path, tmp_path: Path,
                                                       photos: list[Path]) -> None:
     from dermcam.errors import CorruptError
-    from dermcam.store.exchange import load_exported
+    from dermcam.store.exported import load_exported
 
     good = Path(export(runner, tmp_path / "good.safetensors")["file"])
     folder = tmp_path / "bad"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dermcam.errors import BadInputError, CorruptError
-from dermcam.store.exchange import MAX_HEADER_BYTES, load_exported
+from dermcam.store.exported import MAX_HEADER_BYTES, load_exported
 from dermcam.store.inference import load_for_inference, model_from_checkpoint
 from dermcam.store.paths import home
 from dermcam.store.references import resolve

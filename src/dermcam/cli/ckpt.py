@@ -159,6 +159,8 @@ def export_cmd(
 @handle_errors
 def restore_cmd(
     target: str = typer.Argument(..., metavar="FILE|CKPT", help="An exported .safetensors file, or a checkpoint."),
+    name: Optional[str] = typer.Option(None, "--name", help="For an exported ensemble: the name it gets in this "
+                                                            "store (default: the name it was exported with)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -168,12 +170,15 @@ def restore_cmd(
     It is validated completely, then copied into the store as a new run marked 'imported'.
     It lists, explains and evaluates like any checkpoint, and its weights file can start a new run
     (dermcam train --pretrained PATH), but it has no training state, so it cannot be resumed.
-    A bad file is refused with a one-line error and the store is left untouched.
+    An exported ensemble becomes one such run per member (or the checkpoint it came from, when this
+    store has it) and the ensemble itself (dermcam ensemble list), answering exactly as the file does.
+    A bad file is refused with a one-line error and the store is left untouched; importing the same
+    file twice changes nothing.
 
     CKPT: an existing checkpoint becomes the point 'dermcam train --resume' continues from.
     Nothing is deleted: the run's later checkpoints stay until training writes those epochs again.
     """
-    from dermcam.store.exchange import is_exported_file
+    from dermcam.store.exported import is_exported_file
     from dermcam.store.manage import restore, rollback_plan
 
     if not is_exported_file(target) and not yes and _interactive():
@@ -184,9 +189,11 @@ def restore_cmd(
             if not typer.confirm(f"Make {plan['id']} the resume point?", default=False, err=True):
                 err_console.print("Nothing changed.")
                 raise typer.Exit(int(ExitCode.OK))
-    result = restore(target)
+    result = restore(target, name=name)
     if as_json:
         print_json(result)
+    elif result.get("kind") == "ensemble":
+        views.ensemble_imported(result)
     elif result["action"] == "import" and not result["created"]:
         console.print(f"{result['file']} is already in the store as {result['id']}; nothing imported.")
     elif result["action"] == "import":

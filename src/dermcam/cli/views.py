@@ -433,6 +433,23 @@ def ensemble_created(result: Any) -> None:
     console.print(f"Evaluate it on the test split with: dermcam evaluate ensemble:{result.name}", highlight=False)
 
 
+def ensemble_imported(result: dict[str, Any]) -> None:
+    """``dermcam ckpt restore`` of an exported ensemble: the ensemble and where each member came from."""
+    if not result["created"]:
+        console.print(f"{result['file']} is already in the store as {result['id']}; nothing imported.",
+                      highlight=False, soft_wrap=True)
+        return
+    new = sum(m["created"] for m in result["members"])
+    console.print(f"Imported {result['file']} as [bold]{result['id']}[/] ({result['backbone']}; exported from "
+                  f"{result['source_id']}): {new} member checkpoint(s) imported, "
+                  f"{len(result['members']) - new} already in this store.", highlight=False, soft_wrap=True)
+    for member in result["members"]:
+        console.print(f"  {member['id']}  {member['backbone']}  {'imported' if member['created'] else 'in store'}",
+                      highlight=False)
+    console.print(f"  Use it with: dermcam evaluate {result['id']}  /  dermcam explain IMAGE -c {result['id']}",
+                  highlight=False, soft_wrap=True)
+
+
 def ensemble_table(listing: dict[str, Any]) -> None:
     """``dermcam ensemble list``."""
     from dermcam.evaluate.metrics import format_value

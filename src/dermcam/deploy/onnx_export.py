@@ -42,7 +42,6 @@ from dermcam.store.checkpoint import Checkpoint
 from dermcam.store.ensemble_exchange import ENSEMBLE_ONNX_SCHEMA, ensemble_document, ensemble_model
 from dermcam.store.ensembles import ensemble_name
 from dermcam.store.exchange import (
-    METADATA_KEY,
     default_ensemble_name,
     default_export_name,
     ensemble_source,
@@ -53,6 +52,7 @@ from dermcam.store.exchange import (
     metadata_text,
     model_document,
 )
+from dermcam.store.exported import METADATA_KEY
 from dermcam.store.files import atomic_write_bytes
 
 ONNX_SCHEMA = "dermcam.onnx/1"

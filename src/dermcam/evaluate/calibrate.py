@@ -49,7 +49,7 @@ def calibrate(ref: str | Path | None = None, *, dataset: str | None = None, oper
     A bad spec, an unknown class, an exported file (never changed: import it first) or a run that is
     training right now are refused before anything is loaded or predicted.
     """
-    from dermcam.store.exchange import is_exported_file
+    from dermcam.store.exported import is_exported_file
     from dermcam.store.manage import run_is_active
     from dermcam.store.references import resolve
 

@@ -107,7 +107,7 @@ def report(ref: str | Path | None = None, *, dataset: str | None = None, split: 
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.evaluate.report import plot_curves
     from dermcam.store.ensembles import ensemble_name, manifest_path
-    from dermcam.store.exchange import is_exported_file
+    from dermcam.store.exported import is_exported_file
     from dermcam.store.inference import load_for_inference
     from dermcam.store.references import resolve
     from dermcam.store.runs import read_metrics, read_run

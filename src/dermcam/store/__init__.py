@@ -8,6 +8,9 @@
 - :mod:`~dermcam.store.runs`: training runs (``run.json``, ``metrics.jsonl``).
 - :mod:`~dermcam.store.references`: ``RUN:EPOCH``, ``best``, hash prefixes, paths -> a checkpoint.
 - :mod:`~dermcam.store.manage`: ``dermcam ckpt list|prune|verify|restore``.
-- :mod:`~dermcam.store.exchange`: exported files: export, validate, import.
+- :mod:`~dermcam.store.ensembles`: ensemble manifests (members by id and sha256), prune protection.
+- :mod:`~dermcam.store.ensemble_exchange`: what an exported ensemble's document says.
+- :mod:`~dermcam.store.exchange`: exported files: export and import.
+- :mod:`~dermcam.store.exported`: an exported file read as untrusted input, validated before loading.
 - :mod:`~dermcam.store.inference`: a model ready for prediction from a checkpoint or an exported file.
 """

@@ -12,11 +12,11 @@ checkpoint and a digest of its tensors. Plain timm + safetensors can run it (doc
 where ``x_i`` is the cache image resized to the member's ``input_size`` and normalised with its
 mean and std, and (scale, bias) is the member's calibration (1/T and 0 for a temperature).
 
-This module only knows the format. :mod:`dermcam.store.exchange` reads and writes the file for
-single checkpoints and ensembles alike (size-limited header parsing, tensor name/shape/dtype checks
-against the backbones built empty, digests, atomic writes, export records) and calls this module;
-this module never imports it, so that ``exchange.load_exported`` can dispatch on the schema without
-an import cycle.
+This module only knows the format. :mod:`dermcam.store.exported` reads and checks the file (size-limited
+header parsing, tensor name/shape/dtype checks against the backbones built empty, digests) and
+:mod:`dermcam.store.exchange` writes and imports it, for single checkpoints and ensembles alike; both
+call this module, which imports neither, so that ``exported.load_exported`` can dispatch on the schema
+without an import cycle.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ KIND = "ensemble"
 # Weights are normalised on export; a sum this far from 1 means the document was edited.
 WEIGHT_TOLERANCE = 1e-6
 _PREFIX = re.compile(r"members\.[0-9]{1,3}\.")
-# The dtypes an export may store (the keys of dermcam.store.exchange.DTYPES, which imports this module).
+# The dtypes an export may store (the keys of dermcam.store.exported.DTYPES, which imports this module).
 _DTYPES = ("float32", "float16", "bfloat16")
 
 # The rule in a form that needs no dermcam (informational: the loader applies ``rule`` through
@@ -147,7 +147,7 @@ def ensemble_document(ensemble: Ensemble, member_docs: Sequence[Mapping[str, Any
     metrics, config, ...). Preprocessing and calibration are the manifest's, which is what
     ``ensemble:NAME`` applies (a member recalibrated since the ensemble was made keeps the calibration
     it was chosen with). Weights are normalised to sum to 1, as the model applies them.
-    ``digests``: each member's :func:`~dermcam.store.exchange.tensor_digest` (None in ONNX documents).
+    ``digests``: each member's :func:`~dermcam.store.exported.tensor_digest` (None in ONNX documents).
     """
     manifest = ensemble.manifest
     identity = scoring_document(ensemble)["preprocessing"]  # what ensemble:NAME takes: the cache image as is

@@ -230,22 +230,27 @@ def new_manifest(name: str, ckpts: list[Checkpoint], weights: list[float], *,
 
 
 def save_ensemble(ensemble: Ensemble, *, replace: bool = False, root: Path | None = None) -> Ensemble:
-    """Write the manifest atomically under the store lock, after checking that every member is still
-    there: a prune holds the same lock, so it cannot run between that check and the manifest (which
-    protects the members) appearing."""
+    """Write the manifest atomically under the store lock (see :func:`write_manifest`)."""
+    with store_lock("store", root=root):
+        return write_manifest(ensemble, replace=replace, root=root)
+
+
+def write_manifest(ensemble: Ensemble, *, replace: bool = False, root: Path | None = None) -> Ensemble:
+    """Write the manifest atomically after checking that every member is still there; the caller holds
+    the store lock. A prune holds the same lock, so it cannot run between that check and the manifest
+    (which protects the members) appearing."""
     from dermcam.store.references import resolve
 
     name = ensemble.name
     path = manifest_path(name, root)
-    with store_lock("store", root=root):
-        if path.exists() and not replace:
-            raise BadInputError(f"ensemble '{name}' exists; choose another name or add --replace")
-        for member in ensemble.manifest["members"]:
-            ckpt = resolve(member["id"], root)
-            if ckpt.sidecar["weights"]["sha256"] != member["sha256"]:
-                raise CorruptError(f"checkpoint {member['id']} changed while the ensemble was being made")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, ensemble.manifest)
+    if path.exists() and not replace:
+        raise BadInputError(f"ensemble '{name}' exists; choose another name or add --replace")
+    for member in ensemble.manifest["members"]:
+        ckpt = resolve(member["id"], root)
+        if ckpt.sidecar["weights"]["sha256"] != member["sha256"]:
+            raise CorruptError(f"checkpoint {member['id']} changed while the ensemble was being made")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, ensemble.manifest)
     return Ensemble(path, ensemble.manifest)
 
 

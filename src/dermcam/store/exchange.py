@@ -1,53 +1,57 @@
 """Exported models, out and back in: one ``.safetensors`` file that runs anywhere timm runs.
 
-An exported file holds the weights and, in the safetensors header's ``__metadata__["dermcam"]``, one
-JSON document (schema ``dermcam.export/1``) with everything inference needs: backbone, classes, label
-encoding, preprocessing, validation metrics, the training config, versions and where it came from.
-It loads without dermcam (see docs/checkpoints.md)::
+:func:`export_checkpoint` writes a checkpoint's weights with, in the safetensors header's
+``__metadata__["dermcam"]``, one JSON document (schema ``dermcam.export/1``) holding everything inference
+needs: backbone, classes, label encoding, preprocessing, calibration, validation metrics, the training
+config, versions and where it came from. It loads without dermcam (see docs/checkpoints.md)::
 
     meta = json.loads(safe_open(path, "pt").metadata()["dermcam"])
     model = timm.create_model(meta["backbone"], num_classes=len(meta["classes"]))
     model.load_state_dict(safetensors.torch.load_file(path))
 
-Exported files travel between machines, so :func:`read_exported` treats them as untrusted: the header
-is parsed by hand with size limits before safetensors sees the file, every field is type-checked, the
-tensor names and shapes must be exactly those of the backbone, and a digest of the tensors (stored in
-the metadata) catches truncation and tampering. Nothing is ever unpickled. :func:`import_exported`
-brings a validated file into the store as a new (not resumable) run.
-
 An ensemble exports the same way (:func:`export_ensemble`, schema ``dermcam.ensemble-export/1``): its
-members' tensors under ``members.<i>.`` prefixes in one file, each member checked like a single
-model's tensors and against its own digest. What that document says, and the model it becomes, is in
-:mod:`dermcam.store.ensemble_exchange`; reading, checking and writing files stays here, shared.
+members' tensors under ``members.<i>.`` prefixes in one file (the document's format is
+:mod:`dermcam.store.ensemble_exchange`). Every export is recorded in its run's ``exports.json``, so
+``ckpt list`` flags exported checkpoints.
+
+:func:`import_exported` brings a file back into a store (``ckpt restore FILE``) after
+:mod:`dermcam.store.exported` has validated it completely: a checkpoint becomes a new run marked
+``imported`` (not resumable), an ensemble becomes one such run per member plus its manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import shutil
-import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError, first_line
+from dermcam.errors import BadInputError, DermcamError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, save_checkpoint, versions
-from dermcam.store.ensemble_exchange import (
-    ENSEMBLE_EXPORT_META,
-    ENSEMBLE_EXPORT_SCHEMA,
-    ensemble_document,
-    ensemble_info,
-    ensemble_model,
-    is_ensemble_document,
-    member_prefix,
-    split_members,
+from dermcam.store.ensemble_exchange import ensemble_document, is_ensemble_document, member_prefix, split_members
+from dermcam.store.ensembles import (
+    MANIFEST,
+    Ensemble,
+    check_name,
+    ensemble_name,
+    member_checkpoints,
+    new_manifest,
+    read_ensemble,
+    write_manifest,
 )
-from dermcam.store.ensembles import Ensemble, ensemble_name, member_checkpoints, read_ensemble
+from dermcam.store.exported import (
+    DTYPES,
+    EXPORT_SCHEMA,
+    MAX_METADATA_BYTES,
+    METADATA_KEY,
+    ExportedFile,
+    read_exported,
+    tensor_digest,
+)
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
 from dermcam.store.locks import store_lock
 from dermcam.store.references import resolve
@@ -57,87 +61,7 @@ from dermcam.store.tensors import save_tensors
 if TYPE_CHECKING:
     import torch
 
-    from dermcam.models.ensemble import EnsembleModel
-
-EXPORT_SCHEMA = "dermcam.export/1"
-
-
-METADATA_KEY = "dermcam"
-
-
 EXPORTS_FILE = "exports.json"
-
-
-# A real header is a few hundred bytes per tensor; these limits stop a hostile file from making us
-# read or parse gigabytes of JSON before anything else is checked.
-MAX_HEADER_BYTES = 8 << 20
-
-
-MAX_METADATA_BYTES = 1 << 20
-
-
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-_FLOAT_CODES = set(DTYPES.values())
-
-
-# The document in an exported file's header; shared parts (preprocessing, classes, ...) are a sidecar's.
-EXPORT_META = s.all_of(s.obj({
-    "backbone": s.BACKBONE,
-    "classes": s.CLASSES,
-    "preprocessing": s.PREPROCESSING,
-    "dtype": s.one_of(*DTYPES),
-    "tensors_sha256": s.SHA256,
-}, optional={
-    "label_encoding": s.LABEL_ENCODING,
-    "metrics": s.obj(),
-    "monitor": s.MONITOR,
-    "dataset": s.DATASET,
-    "config": s.CONFIG,
-    "versions": s.obj(),
-    "source": s.obj(optional={"id": s.ID, "epoch": s.EPOCH, "sha256": s.SHA256}),
-    "exported": s.TIMESTAMP,
-    "calibration": s.CALIBRATION,
-    "operating_point": s.OPERATING_POINT,
-}), s.fits_classes)
-
-
-@dataclass(frozen=True)
-class ExportedFile:
-    """A validated exported file: its metadata, its tensors (as stored) and the file's sha256."""
-
-    path: Path
-    meta: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    sha256: str
-
-    def info(self) -> dict[str, Any]:
-        """A sidecar-like dict for inference commands (same keys as a store checkpoint's sidecar, or for
-        an ensemble as :func:`dermcam.store.ensembles.scoring_document`)."""
-        if is_ensemble_document(self.meta):
-            return ensemble_info(self.meta, self.path, self.sha256)
-        source = self.meta.get("source") or {}
-        return {
-            **self.meta,
-            "id": self.path.name,
-            "source_id": source.get("id"),
-            "sha256": self.sha256,
-            "path": str(self.path),
-            "weights": {"file": str(self.path), "sha256": self.sha256, "size": self.path.stat().st_size},
-        }
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes of the tensors, independent of file layout."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -345,269 +269,152 @@ def exports_of(ckpt: Checkpoint, records: list[dict[str, Any]] | None = None) ->
     return [e for e in records if e.get("id") == ckpt.id and e.get("sha256") == sha]
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor entries, dermcam metadata) from a safetensors header, checked before anything is loaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"no such file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise BadInputError(f"{path} is not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES:
-            raise BadInputError(f"{path} is not a dermcam export: its header claims {header_len} bytes, over "
-                                f"the {MAX_HEADER_BYTES}-byte limit")
-        if header_len + 8 > size:
-            raise BadInputError(f"{path} is not a safetensors file, or it is truncated (header runs past "
-                                "the end of the file)")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadInputError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    text = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
-    if not isinstance(text, str):
-        raise BadInputError(f"{path} is a safetensors file but not a dermcam export (no '{METADATA_KEY}' "
-                            "metadata); only files written by 'dermcam ckpt export' can be imported")
-    if text.startswith("dermcam.checkpoint/"):
-        raise BadInputError(f"{path} is the weights file of a store checkpoint, not an export; export it "
-                            "first with: dermcam ckpt export")
-    if len(text.encode()) > MAX_METADATA_BYTES:
-        raise BadInputError(f"{path}: dermcam metadata is over the {MAX_METADATA_BYTES}-byte limit")
-    try:
-        meta = json.loads(text)
-    except (ValueError, RecursionError):
-        raise CorruptError(f"{path}: its dermcam metadata is not valid JSON (damaged or modified)") from None
-    meta = _check_meta(path, meta)
-    _check_length(path, header, size - 8 - header_len)
-    _check_layout(path, header, size - 8 - header_len)
-    return header, meta
-
-
-def _check_length(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """A file cut short (an interrupted copy or download) is reported as such, not as a parse error."""
-    ends = [e["data_offsets"][1] for e in header.values()
-            if isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
-            and isinstance(e["data_offsets"][1], int)]
-    if ends and max(ends) > data_bytes:
-        raise CorruptError(f"{path} is truncated: {max(ends) - data_bytes} bytes of weights are missing "
-                           "(an interrupted copy or download?)")
-
-
-# What each schema's document must satisfy (an ONNX document is never read from a safetensors file).
-_FILE_SCHEMAS = {EXPORT_SCHEMA: EXPORT_META, ENSEMBLE_EXPORT_SCHEMA: ENSEMBLE_EXPORT_META}
-
-
-# Bytes per element of the dtypes a safetensors header may name (what the layout check needs).
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _check_layout(path: Path, header: Mapping[str, Any], data_bytes: int) -> None:
-    """Each tensor's bytes are exactly what its shape and dtype need, and the tensors lie back to back,
-    filling the data: checked before any network is built, so that a small file cannot make us build
-    networks it does not hold (an ensemble's header can name up to 100 members)."""
-    spans = []
-    for name, entry in header.items():
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and entry.get("dtype") in _DTYPE_BYTES):
-            raise CorruptError(f"{path}: the header entry of tensor {name} is malformed (damaged or modified)")
-        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
-            raise CorruptError(f"{path}: tensor {name} does not hold the bytes its shape and dtype need "
-                               "(damaged or modified)")
-        spans.append((offsets[0], offsets[1]))
-    position = 0
-    for start, end in sorted(spans):
-        if start != position:
-            raise CorruptError(f"{path}: its tensors overlap or leave gaps (damaged or modified)")
-        position = end
-    if position != data_bytes:
-        raise CorruptError(f"{path}: {data_bytes - position} bytes after the last tensor (damaged or modified)")
-
-
-def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
-    """Validate the metadata document against its schema's (:data:`EXPORT_META`, or for an ensemble
-    :data:`~dermcam.store.ensemble_exchange.ENSEMBLE_EXPORT_META`); one line naming the first bad field.
-
-    The same preprocessing, class and monitor checks as a store sidecar's: what a sidecar may not
-    hold (a NaN mean, a negative epoch) cannot be imported either.
-    """
-    check = _FILE_SCHEMAS.get(meta.get("schema")) if isinstance(meta, dict) else None
-    if check is None:
-        found = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
-        raise BadInputError(f"{path}: unsupported export schema {found!r} (this dermcam reads "
-                            f"{' and '.join(_FILE_SCHEMAS)})")
-    s.validate(meta, check, f"{path}: metadata")
-    return meta
-
-
-def _check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str,
-                   prefix: str = "") -> None:
-    """The file's tensor names, shapes and dtypes must be exactly those of ``backbone``'s state dict.
-    ``header``: the entries of one model, names without ``prefix`` (an ensemble member's; messages
-    name the tensors as they are in the file)."""
-    names, wanted = set(header), set(expected)
-    if names != wanted:
-        missing, extra = sorted(wanted - names), sorted(names - wanted)
-        detail = (f"missing {[prefix + n for n in missing[:3]]}" if missing else "") + \
-                 (" " if missing and extra else "") + (f"unexpected {[prefix + n for n in extra[:3]]}" if extra else "")
-        raise CorruptError(f"{path}: tensors {prefix + '*' + ' ' if prefix else ''}do not match backbone "
-                           f"{backbone} ({detail})")
-    for name, ref in expected.items():
-        entry = header[name]
-        if not isinstance(entry, dict) or entry.get("shape") != list(ref.shape):
-            shape = entry.get("shape") if isinstance(entry, dict) else None
-            raise CorruptError(f"{path}: tensor {prefix}{name} has shape {shape}, backbone {backbone} needs "
-                               f"{list(ref.shape)}")
-        code = entry.get("dtype")
-        ok = code in _FLOAT_CODES if ref.is_floating_point() else code == _safetensors_code(ref)
-        if not ok:
-            raise CorruptError(f"{path}: tensor {prefix}{name} has dtype {code}, which backbone {backbone} "
-                               "cannot use")
-
-
-def _safetensors_code(tensor: torch.Tensor) -> str:
-    import torch
-
-    return {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(tensor.dtype, "?")
-
-
-def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Module:
-    """The network the file claims to hold, built empty, to check the tensors against."""
-    from dermcam.models.backbones import build_model
-
-    try:
-        return build_model(backbone, num_classes)
-    except DermcamError as exc:
-        raise BadInputError(f"{path}: {exc}") from None
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{path}: backbone '{backbone}' cannot be built here ({first_line(exc)}); "
-                            "a newer timm may be needed") from None
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptError(f"{path} is damaged: {first_line(exc)}") from None
-
-
-def read_exported(path: Path, *, calibrated: bool = True) -> tuple[ExportedFile, torch.nn.Module]:
-    """Validate an exported file completely and return it with the model it loads into (eval mode):
-    the backbone, or for an exported ensemble an :class:`~dermcam.models.ensemble.EnsembleModel`
-    (``calibrated``: whether its members apply their calibrations, as for ``ensemble:NAME``).
-
-    Raises :class:`BadInputError` for a file that is not a dermcam export at all and
-    :class:`CorruptError` for one that claims to be but is truncated, modified or inconsistent.
-    """
-    from dermcam.models.backbones import load_strict
-
-    path = Path(path)
-    header, meta = read_header(path)
-    if is_ensemble_document(meta):
-        return _read_ensemble(path, header, meta, calibrated)
-    model = _reference_model(path, meta["backbone"], len(meta["classes"]))
-    _check_tensors(path, header, model.state_dict(), meta["backbone"])
-    tensors = _load_tensors(path)
-    if tensor_digest(tensors) != meta["tensors_sha256"]:
-        raise CorruptError(f"{path}: the weights do not match the digest in its metadata (damaged or modified)")
-    model = load_strict(model, tensors, meta["backbone"], str(path))
-    return ExportedFile(path, meta, tensors, sha256_file(path)), model
-
-
-def _read_ensemble(path: Path, header: dict[str, Any], meta: dict[str, Any],
-                   calibrated: bool) -> tuple[ExportedFile, EnsembleModel]:
-    """The checks of :func:`read_exported`, member by member: every tensor under exactly one member's
-    prefix, each member's names, shapes and dtypes those of its backbone built empty (before anything
-    is loaded), each member's tensors matching its own digest."""
-    from dermcam.models.backbones import load_strict
-
-    groups, strays = split_members(header, meta)
-    if strays:
-        raise CorruptError(f"{path}: tensors {strays[:3]} belong to no member of the ensemble (damaged or modified)")
-    members = meta["members"]
-    models = []
-    for member, entries in zip(members, groups):
-        model = _reference_model(path, member["backbone"], member["num_classes"])
-        _check_tensors(path, entries, model.state_dict(), member["backbone"], member["prefix"])
-        models.append(model)
-    tensors = _load_tensors(path)
-    for i, (member, model, own) in enumerate(zip(members, models, split_members(tensors, meta)[0])):
-        if tensor_digest(own) != member["tensors_sha256"]:
-            raise CorruptError(f"{path}: the weights of member {i} ({member['prefix']}*) do not match the digest in "
-                               "its metadata (damaged or modified)")
-        load_strict(model, own, member["backbone"], f"{path} member {i}")
-    exported = ExportedFile(path, meta, tensors, sha256_file(path))
-    return exported, ensemble_model(meta, models, calibrated=calibrated)
-
-
-def load_exported(path: Path, *, calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, sidecar-like dict) for an exported file; what inference commands call.
-    Dispatches on the file's schema: an exported ensemble gives what ``ensemble:NAME`` gives (an
-    :class:`~dermcam.models.ensemble.EnsembleModel` and a dict shaped as ``scoring_document``).
-    ``calibrated`` matters only for an exported ensemble (whose members calibrate inside the model)."""
-    exported, model = read_exported(path, calibrated=calibrated)
-    return model, exported.info()
-
-
-def is_exported_file(ref: str | Path) -> bool:
-    """A file that is not part of the store (no sidecar beside it): ``restore`` imports it."""
-    path = Path(str(ref))
-    return path.is_file() and path.suffix != ".json" and not path.with_suffix(".json").is_file() \
-        and not path.name.endswith(".state.safetensors")
-
-
-def _already_in_store(file_sha: str, source_sha: str | None, root: Path | None) -> Checkpoint | None:
+def _already_in_store(tensors_sha: str, source_sha: str | None, file_sha: str | None,
+                      root: Path | None) -> Checkpoint | None:
+    """A checkpoint in the store with exactly these weights: imported before from a file holding the same
+    tensors (``tensors_sha``; ``file_sha`` for records older than that field), or the source checkpoint
+    itself (a file exported from this store)."""
     for ckpt in list_checkpoints(root):
         imported = ckpt.sidecar.get("imported") or {}
-        if imported.get("file_sha256") == file_sha or ckpt.sidecar["weights"]["sha256"] == source_sha:
+        if (imported.get("tensors_sha256", "") == tensors_sha
+                or (file_sha is not None and "tensors_sha256" not in imported
+                    and imported.get("file_sha256") == file_sha)
+                or ckpt.sidecar["weights"]["sha256"] == source_sha):
             return ckpt
     return None
 
 
-def import_exported(path: Path, *, root: Path | None = None) -> dict[str, Any]:
-    """Copy an exported file into the store as a new run (status ``imported``, not resumable).
+def import_exported(path: Path, *, name: str | None = None, root: Path | None = None) -> dict[str, Any]:
+    """Bring an exported file into the store (``ckpt restore FILE``).
 
-    The file is validated completely (:func:`read_exported`) before anything is
-    written, so a bad file leaves the store byte for byte as it was. The weights are stored as
-    float32 like trained checkpoints, whatever precision the file used.
+    A checkpoint becomes a new run (status ``imported``, not resumable); an ensemble becomes one such run
+    per member and a manifest named ``name`` (default: the name it was exported with). The file is
+    validated completely (:func:`~dermcam.store.exported.read_exported`) before anything is written, so a
+    bad file leaves the store byte for byte as it was. Weights are stored as float32 like trained
+    checkpoints, whatever precision the file used. Importing the same file again changes nothing.
     """
-    header_meta = read_header(path)[1]
-    if is_ensemble_document(header_meta):
-        raise BadInputError(f"{path} is an exported ensemble; 'ckpt restore' imports single checkpoints only. "
-                            f"Use the file as it is: dermcam evaluate {path} / dermcam explain IMAGE -c {path}")
     exported, _ = read_exported(path)
+    if is_ensemble_document(exported.meta):
+        return _import_ensemble(exported, name, root)
+    if name is not None:
+        raise BadInputError(f"--name names an imported ensemble; {path} holds one checkpoint")
     meta = exported.meta
     source = meta.get("source") or {}
     with store_lock("store", root=root):
-        existing = _already_in_store(exported.sha256, source.get("sha256"), root)
+        existing = _already_in_store(meta["tensors_sha256"], source.get("sha256"), exported.sha256, root)
         if existing is not None:
             return {"action": "import", "created": False, "id": existing.id, "run_id": existing.run_id,
                     "file": str(path), "source_id": source.get("id")}
-        imported = {"file": path.name, "file_sha256": exported.sha256, "source_id": source.get("id"),
-                    "source_sha256": source.get("sha256"), "dtype": meta["dtype"], "exported": meta.get("exported"),
-                    "source_versions": meta.get("versions") or {}, "imported": utc_now()}
-        run_dir = create_run(meta.get("config") or {}, root, new_run_id())
-        try:
-            update_run(run_dir, status="imported", imported=imported)
-            ckpt = save_checkpoint(run_dir, epoch=source.get("epoch", 0),
-                                   model_state=_as_float32(exported.tensors), sidecar=_imported_sidecar(meta, imported))
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        ckpt = _import_model(meta, exported.tensors, _imported_record(exported, meta, source), root)
     return {"action": "import", "created": True, "id": ckpt.id, "run_id": ckpt.run_id, "file": str(path),
             "source_id": source.get("id"), "backbone": meta["backbone"], "classes": meta["classes"],
             "weights": str(ckpt.weights_path)}
+
+
+def _imported_record(exported: ExportedFile, meta: Mapping[str, Any], source: Mapping[str, Any],
+                     **extra: Any) -> dict[str, Any]:
+    """The ``imported`` entry of a run and its checkpoint: which file, which tensors, from where."""
+    file_meta = exported.meta
+    return {"file": exported.path.name, "file_sha256": exported.sha256, "tensors_sha256": meta["tensors_sha256"],
+            "source_id": source.get("id"), "source_sha256": source.get("sha256"), "dtype": file_meta["dtype"],
+            "exported": file_meta.get("exported"), "source_versions": file_meta.get("versions") or {},
+            "imported": utc_now(), **extra}
+
+
+def _import_model(meta: Mapping[str, Any], tensors: dict[str, torch.Tensor], imported: dict[str, Any],
+                  root: Path | None) -> Checkpoint:
+    """One model as a new run with a single checkpoint (the caller holds the store lock)."""
+    source = meta.get("source") or {}
+    run_dir = create_run(meta.get("config") or {}, root, new_run_id())
+    try:
+        update_run(run_dir, status="imported", imported=imported)
+        return save_checkpoint(run_dir, epoch=source.get("epoch", 0), model_state=_as_float32(tensors),
+                               sidecar=_imported_sidecar(meta, imported))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _import_ensemble(exported: ExportedFile, name: str | None, root: Path | None) -> dict[str, Any]:
+    """Each member as an imported checkpoint (or the store's own copy of it), then the manifest, all under
+    one store lock; if anything fails, the runs this call created are removed again.
+
+    The manifest takes every member's preprocessing and calibration from the file, not from the
+    checkpoint it resolves to (a source checkpoint recalibrated since the export keeps answering its
+    new way alone), so ``ensemble:NAME`` answers exactly as the file does.
+    """
+    meta = exported.meta
+    name = check_name(name or meta["name"])
+    members = meta["members"]
+    states = split_members(exported.tensors, meta)[0]
+    new_ckpts: list[Checkpoint] = []
+    with store_lock("store", root=root):
+        existing = _existing_ensemble(name, members, root)
+        if existing is not None:
+            return _ensemble_imported(exported, existing, [], created=False)
+        try:
+            ckpts = []
+            for i, (member, tensors) in enumerate(zip(members, states)):
+                source = member["source"]
+                ckpt = _already_in_store(member["tensors_sha256"], source["sha256"], None, root)
+                if ckpt is None:
+                    record = _imported_record(exported, member, source, ensemble=meta["name"], member=i)
+                    ckpt = _import_model({**member, "classes": meta["classes"]}, tensors, record, root)
+                    new_ckpts.append(ckpt)
+                ckpts.append(ckpt)
+            ensemble = new_manifest(name, ckpts, [m["weight"] for m in members],
+                                    operating_point=meta.get("operating_point"),
+                                    selection={**(meta.get("selection") or {}), "imported": exported.path.name},
+                                    root=root)
+            for record, member in zip(ensemble.manifest["members"], members):
+                record.update(preprocessing=member["preprocessing"], calibration=member.get("calibration"))
+            s.validate(ensemble.manifest, MANIFEST, f"ensemble {name}")
+            ensemble = write_manifest(ensemble, root=root)
+        except BaseException:
+            for ckpt in new_ckpts:
+                shutil.rmtree(ckpt.run_dir, ignore_errors=True)
+            raise
+    return _ensemble_imported(exported, ensemble, new_ckpts, created=True)
+
+
+def _existing_ensemble(name: str, members: list[dict[str, Any]], root: Path | None) -> Ensemble | None:
+    """The store's ensemble ``name`` if it already is this file's (same members, weights and calibrations);
+    None if there is none; a one-line error if the name is taken by another ensemble."""
+    try:
+        current = read_ensemble(name, root)
+    except NotFoundError:
+        return None
+    have = current.manifest["members"]
+    total = math.fsum(m["weight"] for m in have)
+    same = len(have) == len(members) and all(
+        m.get("calibration") == f.get("calibration") and abs(m["weight"] / total - f["weight"]) <= 1e-9
+        and (m["sha256"] == f["source"]["sha256"] or _imported_from(m["id"], f, root))
+        for m, f in zip(have, members))
+    if not same:
+        raise BadInputError(f"this store already has a different ensemble named '{name}'; import under "
+                            "another name with --name NAME")
+    return current
+
+
+def _imported_from(ckpt_id: str, member: Mapping[str, Any], root: Path | None) -> bool:
+    try:
+        imported = resolve(ckpt_id, root).sidecar.get("imported") or {}
+    except DermcamError:
+        return False
+    return imported.get("tensors_sha256") == member["tensors_sha256"]
+
+
+def _ensemble_imported(exported: ExportedFile, ensemble: Ensemble, imported: list[Checkpoint], *,
+                       created: bool) -> dict[str, Any]:
+    """What ``restore`` reports: ``created`` whether the manifest was written now, per member whether its
+    checkpoint was imported now or was in the store already."""
+    made = {c.id for c in imported}
+    members = ensemble.manifest["members"]
+    return {"action": "import", "kind": "ensemble", "created": created, "id": ensemble.id, "name": ensemble.name,
+            "file": str(exported.path), "source_id": (exported.meta.get("source") or {}).get("id"),
+            "backbone": "ensemble(" + "+".join(m["backbone"] for m in members) + ")",
+            "classes": list(exported.meta["classes"]),
+            "members": [{"id": m["id"], "backbone": m["backbone"], "created": m["id"] in made} for m in members]}
 
 
 def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
@@ -616,7 +423,7 @@ def _as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def _imported_sidecar(meta: dict[str, Any], imported: dict[str, Any]) -> dict[str, Any]:
+def _imported_sidecar(meta: Mapping[str, Any], imported: dict[str, Any]) -> dict[str, Any]:
     """The sidecar of an imported checkpoint; optional objects the file lacks are empty, never null."""
     keys = ("backbone", "classes", "label_encoding", "preprocessing", "pretrained")
     objects = ("metrics", "monitor", "config", "dataset")

@@ -38,7 +38,7 @@ def load_for_inference(ref: str | Path | None = None, root: Path | None = None, 
     if name is not None:
         return load_ensemble(read_ensemble(name, root), root, calibrated=calibrated)
     if ref is not None and Path(str(ref)).is_file() and not Path(str(ref)).with_suffix(".json").is_file():
-        from dermcam.store.exchange import load_exported
+        from dermcam.store.exported import load_exported
 
         return load_exported(Path(str(ref)), calibrated=calibrated)
     ckpt = resolve(ref, root)

@@ -19,7 +19,8 @@ from typing import Any
 from dermcam.errors import BadInputError, CorruptError, LockedError
 from dermcam.progress import Progress
 from dermcam.store.checkpoint import Checkpoint, Damage, best_of, rank_key, run_checkpoints, scan_run
-from dermcam.store.exchange import import_exported, is_exported_file
+from dermcam.store.exchange import import_exported
+from dermcam.store.exported import is_exported_file
 from dermcam.store.files import TMP_SUFFIX, recently_written, sha256_file
 from dermcam.store.locks import is_locked, store_lock
 from dermcam.store.references import resolve
@@ -408,10 +409,14 @@ def _leftover(path: Path, clean: bool, active: bool) -> dict[str, Any]:
     return entry
 
 
-def restore(ref: str | Path, *, root: Path | None = None) -> dict[str, Any]:
-    """An exported FILE is imported as a new run; a checkpoint id becomes its run's resume point."""
+def restore(ref: str | Path, *, name: str | None = None, root: Path | None = None) -> dict[str, Any]:
+    """An exported FILE is imported (a checkpoint as a new run, an ensemble as its members and a manifest
+    called ``name``); a checkpoint id becomes its run's resume point."""
     if is_exported_file(ref):
-        return import_exported(Path(str(ref)), root=root)
+        return import_exported(Path(str(ref)), name=name, root=root)
+    if name is not None:
+        raise BadInputError("--name names an ensemble imported from an exported file; a checkpoint id is "
+                            "rolled back, not imported")
     return rollback(str(ref), root=root)
 
 
