@@ -284,7 +284,8 @@ def test_explain_shows_calibrated_probabilities_and_the_decision(runner, home: P
     assert plain["calibration"] is None and plain["operating_point"] is None
     assert [r["probabilities"] for r in plain["images"]] == [r["probabilities"] for r in raw["images"]]
     table = runner.invoke(app, args[:-1])
-    assert table.exit_code == 0 and "threshold" in table.stdout and "temperature" in table.stdout, table.output
+    assert table.exit_code == 0 and "temperature" in table.stdout, table.output
+    assert f"p(mel) >= {point['threshold']:.3f}" in table.stdout and "decision" in table.stdout, table.output
 
 
 def test_apply_is_the_one_path_of_every_command(runner, home: Path, old_checkpoint: str, tmp_path: Path,

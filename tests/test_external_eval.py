@@ -87,6 +87,39 @@ def test_subgroups_report_small_groups_instead_of_numbers() -> None:
     assert age_band("29.9") == "<30" and age_band("nan") == "" and age_band("unknown") == ""
 
 
+def test_subgroups_order_age_bands_and_leave_an_absent_class_without_recall() -> None:
+    """Age bands youngest first (not '<30' after '75+'); a class with no image in a subgroup has no
+    recall (None, no interval), never a 0 that reads as a failure."""
+    y, probs = _predictions(160, seed=5)
+    y[:40] = np.where(y[:40] == 0, 2, y[:40])  # no bkl among the youngest
+    index = pd.DataFrame({"age": ["20"] * 40 + ["50"] * 40 + ["80"] * 40 + ["35"] * 40})
+    entries = subgroup_metrics(y, probs, index, [str(i) for i in range(160)], CLASSES, resamples=50)
+    assert [e["value"] for e in entries] == ["<30", "30-44", "45-59", "75+"]
+    young = entries[0]
+    assert young["metrics"]["recall_bkl"] is None and young["ci"]["recall_bkl"] is None
+    assert young["metrics"]["recall_mel"] is not None and young["ci"]["recall_nv"] is not None
+
+
+def test_the_subgroup_table_fits_80_columns_and_says_where_the_intervals_are() -> None:
+    from rich.console import Console
+
+    from dermcam.cli.views import subgroup_table
+
+    y, probs = _predictions(200, seed=6)
+    index = pd.DataFrame({"sex": ["female"] * 100 + ["male"] * 90 + ["female"] * 10,
+                          "localization": ["lower extremity"] * 120 + ["acral"] * 10 + ["back"] * 70})
+    entries = subgroup_metrics(y, probs, index, [str(i) for i in range(200)], CLASSES, resamples=50)
+    for width, intervals in ((80, False), (160, True)):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(subgroup_table(entries, CLASSES, width))
+        text = console.export_text()
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= width
+        assert "lower extremity" in text and "…" not in text  # nothing cut short
+        assert ("(0." in text) is intervals and ("--json" in text) is not intervals
+        acral = next(line for line in text.splitlines() if "acral" in line)
+        assert acral.split()[1:] == ["10", *["-"] * 6] and "fewer than 30" in text
+
+
 @pytest.fixture
 def other_set(runner, home: Path, tmp_path: Path) -> str:
     """A second prepared set, lesion-disjoint from 'synth', with one class the model lacks (bcc)."""

@@ -146,8 +146,8 @@ def export_cmd(
     use = (f"ONNX Runtime and PyTorch agree within {result['check_gap']:.1g} in probability. Run it with ONNX "
            "Runtime: input 'image' is uint8 RGB pixels at the cache size (docs/checkpoints.md)"
            if result["format"] == "onnx" else
-           f"Use it with: dermcam explain IMAGE -c {result['file']}  or: dermcam evaluate {result['file']} "
-           "(plain timm + safetensors: docs/checkpoints.md)"
+           f"Use it with: dermcam explain IMAGE -c {result['file']}  or: dermcam evaluate {result['file']}; "
+           "import it elsewhere with: dermcam ckpt restore FILE (plain timm + safetensors: docs/checkpoints.md)"
            if result.get("kind") == "ensemble" else
            f"Use it with: dermcam explain IMAGE -c {result['file']}  or import it elsewhere with: dermcam ckpt restore FILE")
     console.print(f"Exported {result['id']} ({result['backbone']}, {result['format']}, {result['dtype']}) to {result['file']}\n"

@@ -49,7 +49,7 @@ def _source_lines(manifest: dict) -> list[str]:
     if other:
         lines.append("Other classes left out (images): " + ", ".join(f"{c} {n}" for c, n in other.items()))
     grouping = manifest.get("grouping") or {}
-    lines.append("Grouped by (no group on two sides of a split; index.csv column group): "
+    lines.append("Groups (none on two sides of a split; index.csv column group): "
                  + ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in grouping.items() if n))
     if manifest.get("external"):
         lines.append("External set: every image is in the test split; evaluation only, never trained on.")

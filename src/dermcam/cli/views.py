@@ -155,24 +155,30 @@ def explain_table(report: Any) -> Table:
     from dermcam.evaluate.calibration import describe
 
     title = f"checkpoint {report.checkpoint['id']}, calibration: {describe(report.calibration)}"
+    point = report.operating_point
+    if point:  # the rule once in the title; each row shows only its decision
+        title += (f"\noperating point: {point['class']} when p({point['class']}) >= {point['threshold']:.3f} "
+                  f"({point['metric']} {point['target']:g} on validation), else the most probable other class")
     table = Table(box=box.SIMPLE_HEAVY, title=title, title_justify="left")
-    table.add_column("image", overflow="fold")
+    table.add_column("image", overflow="fold", min_width=12)
     table.add_column("predicted")
     for name in report.classes:
         table.add_column(f"p({name})", justify="right")
     if report.operating_point:
-        table.add_column("operating point")
+        table.add_column("decision")
     if report.method:
         table.add_column("overlay", overflow="fold")
     show_scores = any(r.faithfulness for r in report.results)
     if show_scores:
         table.add_column("deletion AUC ↓", justify="right")
         table.add_column("insertion AUC ↑", justify="right")
+    names = [Path(r.image).name for r in report.results]
+    by_name = len(set(names)) == len(names)  # file names say which image; full paths wrap in 80 columns
     for row in report.results:
-        cells = [short_path(row.image), f"[bold]{row.predicted}[/]"]
+        cells = [Path(row.image).name if by_name else short_path(row.image), f"[bold]{row.predicted}[/]"]
         cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
         if report.operating_point:
-            cells.append(f"{row.operating_point} -> [bold]{row.decision}[/]")
+            cells.append(f"[bold]{row.decision}[/]")
         if report.method:
             cells.append(row.overlay.name if row.overlay else "-")
         if show_scores:
@@ -287,7 +293,7 @@ def evaluation(result: Any) -> None:
         console.print(confusion_table(point["confusion_matrix"], result.classes,
                                       f"Decisions at the operating point ({point['class']} >= {point['threshold']:.3f})"))
     if result.subgroups:
-        console.print(subgroup_table(result.subgroups, result.classes))
+        console.print(subgroup_table(result.subgroups, result.classes, console.width))
     if result.files:
         console.print(f"Report: {result.report_dir}", highlight=False)
 
@@ -357,17 +363,30 @@ def calibration_result(result: Any) -> None:
         console.print(note, highlight=False)
 
 
-def subgroup_table(subgroups: list[dict[str, Any]], classes: list[str]) -> Table:
-    """One row per subgroup; a subgroup with too few images shows why instead of numbers."""
-    table = Table(title="Subgroups", title_justify="left", box=box.SIMPLE)
-    for column in ("group", "n", "bal. acc", "macro F1", "AUC", *(f"{c} recall" for c in classes)):
-        table.add_column(column, justify="left" if column == "group" else "right")
+def subgroup_table(subgroups: list[dict[str, Any]], classes: list[str], width: int = 80) -> Table:
+    """One row per subgroup under a row naming its kind (sex, age band, site). Intervals are shown when
+    the terminal is wide enough to show them whole (``width``); otherwise the caption says where they are.
+    A subgroup with too few images shows its n and a dash."""
+    intervals = width >= 150
+    caption = ("In brackets: 95% bootstrap interval." if intervals else
+               "95% intervals: a wider terminal, --json, metrics.json or report.html.")
+    if any("metrics" not in entry for entry in subgroups):
+        caption += " -: too few images for a number (fewer than 30)."
+    table = Table(title="Subgroups", title_justify="left", caption=caption, caption_justify="left",
+                  box=box.SIMPLE, padding=(0, 1), pad_edge=False)
+    table.add_column("group", no_wrap=True, max_width=24, overflow="ellipsis")
+    for column in ("n", "bal. acc", "macro F1", "AUC", *(f"{c} recall" for c in classes)):
+        table.add_column(column, justify="right")
+    kind = None
     for entry in subgroups:
-        name = f"{entry['title']}: {entry['value']}"
+        if entry["title"] != kind:
+            kind = entry["title"]
+            table.add_row(f"[bold]{kind}[/]")
+        name = f"  {entry['value']}"
         if "metrics" not in entry:
-            table.add_row(name, str(entry["n"]), f"[dim]{entry.get('note', '')}[/]")
+            table.add_row(name, str(entry["n"]), *(["[dim]-[/]"] * (3 + len(classes))))
             continue
-        m, ci = entry["metrics"], entry.get("ci") or {}
+        m, ci = entry["metrics"], (entry.get("ci") or {}) if intervals else {}
         table.add_row(name, str(entry["n"]), *(with_ci(m.get(k), ci.get(k)) for k in (
             "balanced_accuracy", "macro_f1", "auc_macro", *(f"recall_{c}" for c in classes))))
     return table

@@ -7,7 +7,7 @@ fewer than :data:`MIN_IMAGES` images says so instead of printing a number nobody
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,14 @@ def age_band(value: str) -> str:
     return next((label for low, high, label in AGE_BANDS if low <= age < high), "")
 
 
+def _order(column: str) -> Callable[[str], Any]:
+    """Sort key for a column's values: age bands youngest first, everything else alphabetically."""
+    if column == "age":
+        bands = [label for _, _, label in AGE_BANDS]
+        return bands.index
+    return str
+
+
 def subgroup_values(index: Any, column: str) -> np.ndarray:
     """The subgroup label of each row for ``column`` ('' where unknown)."""
     if column not in index.columns:
@@ -56,7 +64,7 @@ def subgroup_metrics(y_true: np.ndarray, probs: np.ndarray, index: Any, groups: 
     out: list[dict[str, Any]] = []
     for column, title in COLUMNS:
         values = subgroup_values(index, column)
-        known = sorted(set(values) - {""})
+        known = sorted(set(values) - {""}, key=_order(column))
         if len(known) < 2:  # one value (or none) is not a subgroup analysis
             continue
         for value in known:
@@ -67,9 +75,12 @@ def subgroup_metrics(y_true: np.ndarray, probs: np.ndarray, index: Any, groups: 
             else:
                 metrics = compute_metrics(y_true[mask], probs[mask], classes, scored=scored)
                 entry["metrics"] = {k: metrics[k] for k in (*HEADLINE, *(f"recall_{c}" for c in classes))}
+                # A class with no image in the subgroup has no recall (not 0): None, and no interval
+                absent = {f"recall_{c}" for c in classes if metrics[f"support_{c}"] == 0}
+                entry["metrics"].update(dict.fromkeys(absent))
                 if resamples:
                     ci = confidence_intervals(y_true[mask], probs[mask], groups[mask], classes, scored=scored,
                                               resamples=resamples, seed=seed)
-                    entry["ci"] = {k: ci.ci.get(k) for k in entry["metrics"]}
+                    entry["ci"] = {k: None if k in absent else ci.ci.get(k) for k in entry["metrics"]}
             out.append(entry)
     return out
