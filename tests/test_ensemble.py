@@ -334,6 +334,30 @@ def test_evaluate_gives_the_weighted_mean_of_the_members(runner, store: Store, t
     by_prefix = run_json(runner, ["evaluate", "ensemble:pair", *NO_CI, "--json"])
     by_name = run_json(runner, ["evaluate", "pair", *NO_CI, "--json"])
     assert by_prefix == by_name and "ensemble:pair" in json.dumps(by_prefix)
+    # the members calibrate inside: no raw counterpart is claimed (it would repeat the calibrated numbers)
+    cal = by_prefix["metrics"]["calibration"]
+    assert cal["applied"] and cal["method"] == "members" and cal["raw"] is None and cal["nll"] > 0
+    text = runner.invoke(app, ["evaluate", "pair", *NO_CI], env={"COLUMNS": "200"})
+    assert text.exit_code == 0 and "raw: evaluate --no-calibration" in text.stdout, text.output
+    plain = run_json(runner, ["evaluate", "pair", *NO_CI, "--json", "--no-calibration"])["metrics"]["calibration"]
+    assert not plain["applied"] and plain["raw"]["nll"] == pytest.approx(plain["nll"])
+
+
+def test_the_report_of_an_ensemble_lists_its_members_and_claims_no_raw_calibration(runner, store: Store,
+                                                                                   tmp_path: Path) -> None:
+    import html as html_lib
+
+    create(runner, "pair", store.a, store.c, "--weights", "3,1", "--operating-point", "mel:sensitivity=0.8")
+    result = runner.invoke(app, ["report", "pair", "-o", str(tmp_path / "rep"), "--json"])
+    assert result.exit_code == 0, result.output
+    page = html_lib.unescape((tmp_path / "rep" / "report.html").read_text(encoding="utf-8"))
+    model = page[page.index('id="model"'):page.index('id="metrics"')]
+    for text in ("Members", store.a, store.c, "weighted mean of the members' calibrated probabilities",
+                 "0.750", "0.250", "mel:sensitivity=0.8"):
+        assert text in model, text
+    assert "Training configuration" not in model and "epoch" not in model
+    calibration = page[page.index('id="calibration"'):page.index('id="operating-point"')]
+    assert "--no-calibration" in calibration and ">raw<" not in calibration
 
 
 # --------------------------------------------------------------------------------------- explain

@@ -60,9 +60,11 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> Table:
     if group:
         caption += f"\nbest ranks only checkpoints like the newest one: {group}"
     table = Table(title=f"Checkpoints in {runs_dir()}", title_justify="left", box=None, header_style="bold underline",
-                  caption=caption, caption_justify="left")
+                  caption=caption, caption_justify="left", padding=(0, 1), collapse_padding=True, pad_edge=False)
     table.add_column("ID", no_wrap=True)
-    table.add_column("Backbone / data", overflow="fold", min_width=10)
+    # a backbone name cut in two reads as two words: it gets the room it needs (up to 24), flags wrap
+    width = max([len(str(r.get("backbone", ""))) for r in intact] + [10])
+    table.add_column("Backbone / data", overflow="ellipsis", no_wrap=True, min_width=min(width, 24))
     if extra_monitor:
         table.add_column("Monitored", justify="right", min_width=5)
     for header in ("Bal.acc", "F1", "Mel rec", "AUC"):
@@ -303,6 +305,9 @@ def calibration_line(report: dict[str, Any]) -> str:
     from dermcam.evaluate.calibration import describe
 
     raw = report["raw"]
+    if raw is None:  # an ensemble's members calibrate inside it: no raw counterpart
+        return (f"Calibration: {describe(report)}: ECE {report['ece']:.3f}  Brier {report['brier']:.3f}  "
+                f"NLL {report['nll']:.3f} (raw: evaluate --no-calibration)")
     if not report["applied"]:
         return (f"Calibration: none applied (raw probabilities): ECE {raw['ece']:.3f}  Brier {raw['brier']:.3f}  "
                 f"NLL {raw['nll']:.3f}")

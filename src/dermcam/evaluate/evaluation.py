@@ -111,13 +111,18 @@ def scored_split(sidecar: dict[str, Any], dataset: str | None, split: str, root:
 
 def calibration_report(y_true: np.ndarray, raw: np.ndarray, outputs: Any) -> dict[str, Any]:
     """``metrics["calibration"]``: ECE, Brier and NLL of the probabilities reported (calibrated when a
-    calibration was applied), the same of the raw ones under ``raw``, and what was applied."""
+    calibration was applied), the same of the raw ones under ``raw``, and what was applied.
+
+    An ensemble's members calibrate inside it (method ``members``): what the model returns is already
+    calibrated, so there is no raw counterpart to report (``raw`` is None; ``evaluate --no-calibration``
+    scores the mean of the members' raw probabilities)."""
     from dermcam.evaluate.calibration import calibration_metrics
 
     applied = outputs.calibration
+    inside = applied is not None and applied.get("method") == "members"
     return {"applied": applied is not None, "method": applied["method"] if applied else None,
             "temperature": applied["temperature"] if applied else None,
-            **calibration_metrics(y_true, outputs.probs), "raw": calibration_metrics(y_true, raw)}
+            **calibration_metrics(y_true, outputs.probs), "raw": None if inside else calibration_metrics(y_true, raw)}
 
 
 def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str | None = None,

@@ -155,10 +155,13 @@ def _config_value(value: Any) -> str:
 
 
 def model(inputs: ReportInputs) -> Section:
-    """The checkpoint, its training configuration and the versions then and now."""
+    """The checkpoint, its training configuration and the versions then and now (for an ensemble: its
+    rule, members and how they were chosen)."""
     from dermcam.evaluate.calibration import describe
 
     s = inputs.sidecar
+    if s.get("kind") == "ensemble":
+        return _ensemble_model(inputs)
     pre = s.get("preprocessing") or {}
     size = pre.get("input_size") or []
     point = s.get("operating_point")
@@ -181,6 +184,39 @@ def model(inputs: ReportInputs) -> Section:
     return Section("model", "Model, configuration and versions",
                    columns(join([key_values(facts), tag("h3", "Versions"), versions]),
                            join([tag("h3", "Training configuration"), settings])))
+
+
+def _ensemble_model(inputs: ReportInputs) -> Section:
+    """An ensemble has no epoch, weights file or training configuration of its own: the page lists its
+    members instead (each with its own input size and calibration, applied before the weighted mean)."""
+    from dermcam.evaluate.calibration import describe
+
+    s = inputs.sidecar
+    point, selection = s.get("operating_point"), s.get("selection") or {}
+    width, height = (s.get("preprocessing") or {}).get("cache_size") or ("?", "?")
+    facts = [("ensemble", s.get("id")), ("rule", "weighted mean of the members' calibrated probabilities"),
+             ("classes", ", ".join(inputs.classes)),
+             ("input", f"the {width}x{height} px cache image; each member resizes it to its own input"),
+             ("created", s.get("created") or s.get("exported") or "-"),
+             ("members chosen", {"greedy": "greedy forward selection on the validation split",
+                                 "all": "all candidates"}.get(str(selection.get("method")), "as listed")
+              + (f" (validation balanced accuracy {selection['score']:.3f})"
+                 if isinstance(selection.get("score"), (int, float)) else "")),
+             ("operating point", f"{point['class']}:{point['metric']}={point['target']:g}, threshold "
+                                 f"{point['threshold']:.3f}" if point else "none")]
+    rows, total = [], sum(float(m.get("weight") or 0) for m in s.get("members") or []) or 1.0
+    for m in s.get("members") or []:
+        size = m.get("input_size") or []
+        rows.append([m.get("id", "-"), m.get("backbone", "-"),
+                     f"{size[2]}x{size[1]}" if len(size) == 3 else "-",
+                     describe(m.get("calibration")), number(float(m.get("weight") or 0) / total, 3),
+                     (m.get("sha256") or "-")[:12]])
+    members = table(["member", "backbone", "input", "calibration", "weight", "weights sha256"], rows,
+                    "Each member's calibration is applied to its own probabilities before the weighted mean.")
+    names = sorted(inputs.versions)
+    versions = table(["library", "this report"], [[n, inputs.versions.get(n, "-")] for n in names])
+    return Section("model", "Model, configuration and versions",
+                   join([key_values(facts), tag("h3", "Members"), members, tag("h3", "Versions"), versions]))
 
 
 def metrics(inputs: ReportInputs) -> Section:
@@ -209,11 +245,18 @@ def calibration(inputs: ReportInputs) -> Section | None:
     if not cal:
         return None
     raw = cal["raw"]
-    rows = [[name, number(raw[key], 4), number(cal[key], 4) if cal["applied"] else "-"]
-            for name, key in (("ECE (15 bins)", "ece"), ("Brier", "brier"), ("NLL", "nll"))]
-    applied = (f"Calibration applied: {describe(cal)}, fitted on the validation split."
-               if cal["applied"] else "No calibration applied: raw probabilities.")
-    body: list[object] = [paragraph(applied), table(["", "raw", "calibrated (reported)"], rows, "lower is better")]
+    names = (("ECE (15 bins)", "ece"), ("Brier", "brier"), ("NLL", "nll"))
+    if raw is None:  # an ensemble whose members calibrate inside it: nothing raw to compare with
+        applied = (f"Calibration applied: {describe(cal)}, each fitted on the validation split. The members "
+                   "calibrate inside the ensemble, so there are no raw probabilities to compare with here; "
+                   "dermcam evaluate --no-calibration scores the mean of their raw probabilities.")
+        header, rows = ["", "calibrated (reported)"], [[name, number(cal[key], 4)] for name, key in names]
+    else:
+        applied = (f"Calibration applied: {describe(cal)}, fitted on the validation split."
+                   if cal["applied"] else "No calibration applied: raw probabilities.")
+        header = ["", "raw", "calibrated (reported)"]
+        rows = [[name, number(raw[key], 4), number(cal[key], 4) if cal["applied"] else "-"] for name, key in names]
+    body: list[object] = [paragraph(applied), table(header, rows, "lower is better")]
     if "reliability.png" in inputs.figures:
         body.append(figure(inputs.figures["reliability.png"], "reliability diagram",
                            "Accuracy against confidence in 15 bins; a calibrated model follows the diagonal."))

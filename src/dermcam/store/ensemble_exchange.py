@@ -219,10 +219,11 @@ def ensemble_info(meta: Mapping[str, Any], path: Path, file_sha256: str) -> dict
         "calibration": {"method": "members", "temperature": None},
         "operating_point": meta.get("operating_point"),
         "members": [{"id": m["source"]["id"], "sha256": m["source"]["sha256"], "backbone": m["backbone"],
-                     "weight": m["weight"]} for m in members],
+                     "weight": m["weight"], "input_size": m["preprocessing"]["input_size"],
+                     "calibration": m.get("calibration")} for m in members],
         "rule": meta["rule"],
         "weights": {"file": str(path), "sha256": file_sha256, "size": path.stat().st_size},
         "schema": meta["schema"], "dtype": meta["dtype"], "source_id": source.get("id"), "sha256": file_sha256,
         "path": str(path), "selection": meta.get("selection") or {}, "versions": meta.get("versions") or {},
-        "exported": meta.get("exported"),
+        "exported": meta.get("exported"), "created": source.get("created"),
     }

@@ -315,8 +315,11 @@ def scoring_document(ensemble: Ensemble) -> dict[str, Any]:
         "preprocessing": identity, "dataset": manifest.get("dataset") or {},
         "calibration": {"method": "members", "temperature": None},
         "operating_point": manifest.get("operating_point"),
-        "members": [{k: m[k] for k in ("id", "sha256", "backbone", "weight")} for m in members],
+        "members": [{**{k: m[k] for k in ("id", "sha256", "backbone", "weight")},
+                     "input_size": m["preprocessing"]["input_size"], "calibration": m.get("calibration")}
+                    for m in members],
         "rule": manifest["rule"], "weights": {"sha256": None},
+        "selection": manifest.get("selection") or {}, "created": manifest.get("created"),
     }
 
 
