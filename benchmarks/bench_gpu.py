@@ -3,8 +3,12 @@
     python benchmarks/bench_gpu.py                     # writes benchmarks/results/gpu.json
     python benchmarks/bench_gpu.py --no-compile        # eager rows only (quicker: no compile warm-up)
     python benchmarks/bench_gpu.py --backbones efficientnet_b0 --batch-size 64
+    python benchmarks/bench_gpu.py --smoke             # the same code on the CPU, tiny: does it run?
 
-CUDA only: without a CUDA device it says so in one line and exits 0 without writing results. Offline:
+CUDA only: without a CUDA device it says so in one line and exits 0 without writing results.
+``--smoke`` runs every step on the CPU with a tiny model, tiny images and a few steps, prints the rows
+and writes nothing: it checks the script itself (tests/test_benchmarks.py runs it), so that a session
+that gets a GPU for a few minutes does not spend them on a bug here. Offline:
 the images are a synthetic HAM10000-like set (dermcam.data.synthetic) prepared into a temporary store
 with the default cache, and the models have random weights (``pretrained="none"``; weights do not
 change speed). For each backbone (default convnext_tiny and efficientnet_b0) at 224x224, bf16
@@ -30,6 +34,7 @@ Every timing is preceded by a warm-up and bracketed by ``torch.cuda.synchronize(
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -43,19 +48,41 @@ from _common import peak_rss_mib, report
 
 BACKBONES = ("convnext_tiny", "efficientnet_b0")
 SIZE = 224
+# --smoke: the same steps on the CPU, as small as they go
+SMOKE = {"backbones": ["test_efficientnet"], "batch_size": 8, "steps": 2, "epochs": 1, "lesions": 4,
+         "eval_batch": 8, "explain_batch": 4, "explain_repeats": 1, "size": 64, "device": "cpu",
+         "precision": "fp32"}
 
 
-def synced(fn: Callable[[], Any], repeats: int) -> float:
-    """Mean seconds of ``fn`` over ``repeats`` calls after one warm-up call, its GPU work included."""
+def sync(device: str) -> None:
     import torch
 
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def synced(fn: Callable[[], Any], repeats: int, device: str = "cuda") -> float:
+    """Mean seconds of ``fn`` over ``repeats`` calls after one warm-up call, its GPU work included."""
     fn()
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / repeats
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 def one_line(exc: BaseException) -> str:
@@ -77,23 +104,21 @@ def prepare_synthetic(lesions: int) -> str:
 
 def train_rows(backbone: str, compile_: bool, args: argparse.Namespace, dataset: str) -> tuple[Any, dict[str, Any]]:
     """Bare step and training loop of one configuration; the trainer (for the inference rows) and its row."""
-    import torch
-
     from dermcam.train.config import TrainConfig
     from dermcam.train.schedule import epoch_order
     from dermcam.train.trainer import Trainer
 
-    cfg = TrainConfig(dataset=dataset, backbone=backbone, pretrained="none", image_size=SIZE,
-                      batch_size=args.batch_size, precision="bf16", channels_last=True, device="cuda",
+    cfg = TrainConfig(dataset=dataset, backbone=backbone, pretrained="none", image_size=args.size,
+                      batch_size=args.batch_size, precision=args.precision, channels_last=True, device=args.device,
                       compile=compile_, epochs=10**6, warmup_epochs=0.0)
     trainer = Trainer(cfg)
     trainer.build()
     start = time.perf_counter()
     trainer.train_one_epoch()  # warm-up: cuDNN autotuning, allocator, and compiling with --compile
-    torch.cuda.synchronize()
+    sync(args.device)
     first_epoch_s = time.perf_counter() - start
     trainer.model.train()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(args.device)
     order = epoch_order(len(trainer.train_rows), trainer.train_labels, cfg.seed, 0, cfg.balance, len(trainer.classes))
     fixed = trainer.make_batch(order, 0)
 
@@ -105,14 +130,14 @@ def train_rows(backbone: str, compile_: bool, args: argparse.Namespace, dataset:
         trainer.epoch += 1
         trainer.train_one_epoch()
 
-    t_bare = synced(bare, args.steps)
-    t_epoch = synced(epoch, args.epochs)
+    t_bare = synced(bare, args.steps, args.device)
+    t_epoch = synced(epoch, args.epochs, args.device)
     images_per_epoch = trainer.batches_per_epoch * cfg.batch_size
     row = {"backbone": backbone, "compile": compile_, "compiled": trainer.train_model is not trainer.eager_model,
-           "batch": cfg.batch_size, "size": SIZE, "precision": "bf16",
+           "batch": cfg.batch_size, "size": args.size, "precision": args.precision,
            "bare_img_s": cfg.batch_size / t_bare, "loop_img_s": images_per_epoch / t_epoch,
            "loop_vs_bare": (images_per_epoch / t_epoch) / (cfg.batch_size / t_bare),
-           "peak_train_mib": torch.cuda.max_memory_allocated() / 2**20, "first_epoch_s": first_epoch_s,
+           "peak_train_mib": peak_mib(args.device), "first_epoch_s": first_epoch_s,
            "batches_per_epoch": trainer.batches_per_epoch, "compile_note": trainer.compile_note}
     return trainer, row
 
@@ -135,13 +160,13 @@ def inference_rows(trainer: Any, compile_: bool, args: argparse.Namespace) -> di
     scored, note = maybe_compile(model, compile_)
 
     def evaluate() -> None:
-        predict(scored, trainer.data.images, rows, preprocessing=pre, device=trainer.device, precision="bf16",
-                batch_size=args.eval_batch, channels_last=True)
+        predict(scored, trainer.data.images, rows, preprocessing=pre, device=trainer.device,
+                precision=args.precision, batch_size=args.eval_batch, channels_last=True)
 
     try:
-        torch.cuda.reset_peak_memory_stats()
-        out["evaluate_img_s"] = len(rows) / synced(evaluate, 1)
-        out["peak_eval_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        reset_peak(args.device)
+        out["evaluate_img_s"] = len(rows) / synced(evaluate, 1, args.device)
+        out["peak_eval_mib"] = peak_mib(args.device)
     except Exception as exc:  # noqa: BLE001 - a compile failure at the first call: recorded, not fatal
         out["evaluate_error"] = one_line(exc)
     x = batch_input(trainer.data.images[rows[:args.explain_batch]], pre).to(trainer.device)
@@ -153,9 +178,9 @@ def inference_rows(trainer: Any, compile_: bool, args: argparse.Namespace) -> di
         compute_cam(scored, x, "gradcam", target_layer=target)
 
     try:
-        torch.cuda.reset_peak_memory_stats()
-        out["explain_img_s"] = len(x) / synced(explain, args.explain_repeats)
-        out["peak_explain_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        reset_peak(args.device)
+        out["explain_img_s"] = len(x) / synced(explain, args.explain_repeats, args.device)
+        out["peak_explain_mib"] = peak_mib(args.device)
     except Exception as exc:  # noqa: BLE001 - as above
         out["explain_error"] = one_line(exc)
     if note:
@@ -176,11 +201,16 @@ def main() -> None:
     parser.add_argument("--explain-batch", type=int, default=64)
     parser.add_argument("--explain-repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="only the eager rows")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every step on the CPU, tiny, print the rows, write nothing")
     args = parser.parse_args()
+    args.size, args.device, args.precision = SIZE, "cuda", "bf16"
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print(f"bench_gpu.py: no CUDA device (torch {torch.__version__}); nothing measured, no results written")
         return
     rows = []
@@ -195,7 +225,11 @@ def main() -> None:
                 row["peak_rss_mib"] = peak_rss_mib()
                 rows.append(row)
                 del trainer
-                torch.cuda.empty_cache()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    if args.smoke:
+        print(json.dumps(rows, default=str))
+        return
     report("gpu", rows, {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
                          "cudnn": torch.backends.cudnn.version(), "images": "synthetic",
                          "lesions_per_class": args.lesions, "timed_steps": args.steps, "timed_epochs": args.epochs})

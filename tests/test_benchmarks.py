@@ -1,0 +1,28 @@
+"""The GPU benchmark cannot run on this project's CPU machines, so its code is checked here on the CPU
+(``--smoke``: tiny model, tiny images, eager): a session that gets a GPU for a few minutes must not
+spend them on a bug in the script. Nothing is timed or compared here; benchmarks/ holds the numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+
+
+def test_bench_gpu_runs_every_step_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--no-compile"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["backbone"] == "test_efficientnet" and row["compile"] is False
+    for key in ("bare_img_s", "loop_img_s", "loop_vs_bare", "evaluate_img_s", "explain_img_s", "first_epoch_s"):
+        assert isinstance(row[key], float) and row[key] > 0, key
+    assert not [k for k in row if k.endswith("_error")], row
+    assert not list(tmp_path.iterdir())  # smoke mode writes no results
+    results = BENCH.parent / "results" / "gpu.json"
+    assert not results.exists() or "test_efficientnet" not in results.read_text()
