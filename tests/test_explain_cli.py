@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,26 @@ def test_score_adds_deletion_and_insertion_auc(runner, checkpoint, tmp_path) -> 
     scores = json.loads(result.stdout)["images"][0]["faithfulness"]
     assert scores == _sidecar(out, "x")["faithfulness"]
     assert 0 <= scores["deletion_auc"] <= 1 and 0 <= scores["insertion_auc"] <= 1
+
+
+def test_the_table_fits_the_terminal_without_cutting_a_number(runner, checkpoint, tmp_path) -> None:
+    """At 80 columns with --score, the scores are whole and the overlays move to the caption; at 200 the
+    overlay column is back. Same names in two folders: the table shows paths, not two equal names."""
+    photos = [_photo(tmp_path / "a" / "lesion_with_a_long_name.jpg", seed=1),
+              _photo(tmp_path / "b" / "lesion_with_a_long_name.jpg", seed=2)]
+    for columns, overlay_column in (("80", False), ("200", True)):
+        result = runner.invoke(app, ["explain", *map(str, photos), "-o", str(tmp_path / f"out{columns}"),
+                                     "--score"], env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert max(len(line.rstrip()) for line in lines) <= int(columns)
+        header = next(line for line in lines if "predicted" in line)
+        assert "del. AUC" in header and "ins. AUC" in header
+        assert ("overlay" in header) is overlay_column and ("Overlays:" in result.stdout) is not overlay_column
+        rows = [line for line in lines if re.search(r"\b0\.\d{3}\s+0\.\d{3}\s*$", line)]
+        assert len(rows) == 2, result.stdout  # both scores whole at the end of each image's first line
+        if overlay_column:
+            assert "a/lesion_with_a_long_name.jpg" in result.stdout and "b/lesion_with_a_long_name.jpg" in result.stdout
 
 
 def test_folders_recursion_and_name_collisions(runner, checkpoint, tmp_path) -> None:

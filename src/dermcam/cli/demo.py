@@ -29,7 +29,7 @@ class _ConsoleObserver:
         elif name == "ckpt list":
             console.print(views.checkpoint_table(result))
         elif name == "explain":
-            console.print(views.explain_table(result))
+            console.print(views.explain_table(result, console.width))
 
 
 @handle_errors

@@ -67,7 +67,7 @@ def explain_command(
         print_json(report.to_dict())
     else:
         if report.results:
-            console.print(views.explain_table(report))
+            console.print(views.explain_table(report, console.width))
         what = f"{report.method} on {report.layer}" if report.method else "predictions only"
         console.print(f"{len(report.results)} explained ({what}) -> {report.out_dir}", highlight=False)
     for failure in report.failures:

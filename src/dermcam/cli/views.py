@@ -152,8 +152,10 @@ def short_path(path: Path) -> str:
         return str(path)
 
 
-def explain_table(report: Any) -> Table:
-    """One row per image: predicted class in bold, then every class probability."""
+def explain_table(report: Any, width: int = 80) -> Table:
+    """One row per image: predicted class in bold, then every class probability, the decision at the
+    operating point, the overlay and the faithfulness scores. Nothing is cut to fit ``width``: the
+    overlay column is left out first (the caption names the files), then image names wrap."""
     from dermcam.evaluate.calibration import describe
 
     title = f"checkpoint {report.checkpoint['id']}, calibration: {describe(report.calibration)}"
@@ -161,28 +163,40 @@ def explain_table(report: Any) -> Table:
     if point:  # the rule once in the title; each row shows only its decision
         title += (f"\noperating point: {point['class']} when p({point['class']}) >= {point['threshold']:.3f} "
                   f"({point['metric']} {point['target']:g} on validation), else the most probable other class")
-    table = Table(box=box.SIMPLE_HEAVY, title=title, title_justify="left")
-    table.add_column("image", overflow="fold", min_width=12)
-    table.add_column("predicted")
-    for name in report.classes:
-        table.add_column(f"p({name})", justify="right")
-    if report.operating_point:
-        table.add_column("decision")
-    if report.method:
-        table.add_column("overlay", overflow="fold")
-    show_scores = any(r.faithfulness for r in report.results)
-    if show_scores:
-        table.add_column("deletion AUC ↓", justify="right")
-        table.add_column("insertion AUC ↑", justify="right")
     names = [Path(r.image).name for r in report.results]
     by_name = len(set(names)) == len(names)  # file names say which image; full paths wrap in 80 columns
-    for row in report.results:
-        cells = [Path(row.image).name if by_name else short_path(row.image), f"[bold]{row.predicted}[/]"]
+    images = [name if by_name else short_path(r.image) for name, r in zip(names, report.results)]
+    overlays = [r.overlay.name if r.overlay else "-" for r in report.results]
+    show_scores = any(r.faithfulness for r in report.results)
+    # columns and the one space between them, as wide as their widest cell or header
+    fixed = (max(map(len, ["predicted", *[r.predicted for r in report.results]])) + 1 + 7 * len(report.classes)
+             + (max(map(len, ["decision", *[str(r.decision) for r in report.results]])) + 1 if point else 0)
+             + (20 if show_scores else 0) + 4)
+    image_width = min(max(map(len, ["image", *images])), 24)
+    show_overlay = bool(report.method) and fixed + image_width + max(map(len, ["overlay", *overlays])) + 1 <= width
+    caption = None
+    if report.method and not show_overlay:
+        caption = "Overlays: <image name>.cam.png in the output folder (a wider terminal lists them here)."
+    table = Table(box=box.SIMPLE_HEAVY, title=title, title_justify="left", padding=(0, 1), collapse_padding=True,
+                  caption=caption, caption_justify="left")
+    table.add_column("image", overflow="fold", min_width=12)
+    table.add_column("predicted", no_wrap=True)
+    for name in report.classes:
+        table.add_column(f"p({name})", justify="right", no_wrap=True)
+    if point:
+        table.add_column("decision", no_wrap=True)
+    if show_overlay:
+        table.add_column("overlay", overflow="fold")
+    if show_scores:
+        table.add_column("del. AUC↓", justify="right", no_wrap=True)
+        table.add_column("ins. AUC↑", justify="right", no_wrap=True)
+    for row, image, overlay in zip(report.results, images, overlays):
+        cells = [image, f"[bold]{row.predicted}[/]"]
         cells += [f"{row.probabilities[c]:.3f}" for c in report.classes]
-        if report.operating_point:
+        if point:
             cells.append(f"[bold]{row.decision}[/]")
-        if report.method:
-            cells.append(row.overlay.name if row.overlay else "-")
+        if show_overlay:
+            cells.append(overlay)
         if show_scores:
             scores = row.faithfulness or {}
             cells += [f"{scores.get('deletion_auc', float('nan')):.3f}",
