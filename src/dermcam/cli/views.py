@@ -447,7 +447,6 @@ def _members_cell(members: list[dict[str, Any]]) -> str:
 
 def ensemble_created(result: Any) -> None:
     """``dermcam ensemble create``: the members kept, how they were chosen, the validation score."""
-    from dermcam.evaluate.metrics import format_value
 
     selection = result.selection
     total = sum(m["weight"] for m in result.members)
@@ -458,17 +457,23 @@ def ensemble_created(result: Any) -> None:
         console.print(f"Greedy selection on val from {len(selection['candidates'])} candidates: balanced accuracy "
                       f"{selection['score']:.3f} (best single {single['id']}: {single['score']:.3f})", highlight=False)
     if result.val_metrics:
-        m = result.val_metrics
-        console.print("Validation split: " + "  ".join(
-            f"{label} {format_value(m.get(key))}" for label, key in
-            (("bal.acc", "balanced_accuracy"), ("macro F1", "macro_f1"), ("mel recall", "recall_mel"),
-             ("AUC", "auc_macro")) if key in m), highlight=False)
+        console.print(validation_line(result.val_metrics), highlight=False)
     if result.operating_point:
         point, val = result.operating_point, result.operating_point["validation"]
         console.print(f"Operating point {point['class']}:{point['metric']}={point['target']:g}: threshold "
                       f"{point['threshold']:.3f} (val sensitivity {val['sensitivity']:.3f}, specificity "
                       f"{val['specificity']:.3f})", highlight=False)
     console.print(f"Evaluate it on the test split with: dermcam evaluate ensemble:{result.name}", highlight=False)
+
+
+def validation_line(metrics: dict[str, Any]) -> str:
+    """``Validation split: bal.acc 0.701  macro F1 0.622  mel recall 0.660  AUC 0.883``."""
+    from dermcam.evaluate.metrics import format_value
+
+    return "Validation split: " + "  ".join(
+        f"{label} {format_value(metrics.get(key))}" for label, key in
+        (("bal.acc", "balanced_accuracy"), ("macro F1", "macro_f1"), ("mel recall", "recall_mel"),
+         ("AUC", "auc_macro")) if key in metrics)
 
 
 def ensemble_imported(result: dict[str, Any]) -> None:
@@ -508,21 +513,19 @@ def ensemble_table(listing: dict[str, Any]) -> None:
 
 def ensemble_details(info: dict[str, Any]) -> None:
     """``dermcam ensemble show``."""
-    from dermcam.evaluate.metrics import format_value
 
     console.print(f"[bold]{info['id']}[/] ({info['rule']}), classes {', '.join(info['classes'])}, "
                   f"data set {info['dataset'] or '-'}, created {info['created']}", highlight=False)
     table = Table(box=box.SIMPLE)
     for column in ("member", "backbone", "weight", "input", "calibration", "monitored"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "monitored")
     for m in info["members"]:
         size = m["input_size"]
         table.add_row(m["id"], m["backbone"], f"{m['weight']:.3f}", f"{size[2]}x{size[1]}", m["calibration"] or "none",
                       monitor_cell(m["monitor"] or {}))
     console.print(table)
     if info["val_metrics"]:
-        console.print("Validation: " + "  ".join(f"{k} {format_value(v)}" for k, v in info["val_metrics"].items()),
-                      highlight=False)
+        console.print(validation_line(info["val_metrics"]), highlight=False)
     if info["operating_point"]:
         point = info["operating_point"]
         console.print(f"Operating point {point['class']}:{point['metric']}={point['target']:g}, threshold "
