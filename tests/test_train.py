@@ -208,10 +208,13 @@ def test_experiments_compare_runs_and_mark_the_best(runner, home: Path) -> None:
     table = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--seed", "1", "--seed", "2"],
                           env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
-    rows = [line.strip(" │┃|") for line in table.stdout.splitlines() if "test_efficientnet" in line
-            and re.search(r"\b[0-9a-f]{6}\b", line) and "(" not in line]
-    ensemble_row = [line.strip(" │┃|") for line in table.stdout.splitlines() if "ensemble" in line and "│" in line]
+    lines = table.stdout.splitlines()
+    rows = [line.strip() for line in lines if re.match(r"\s*\*?\s*[0-9a-f]{6}\s", line)]
+    ensemble_row = [line.strip() for line in lines if re.match(r"\s*\*?\s*ensemble\s", line)]
     marked = [row for row in rows + ensemble_row if row.startswith("*")]
+    header = next(line for line in lines if "best val" in line)
+    assert "seed" in header and "lr" not in header.split()  # only what differs gets a column
+    assert "Every run: backbone test_efficientnet" in table.stdout
     best = re.search(r"Best run: ([0-9a-f]{6}):", table.stdout)
     assert len(rows) == 2 and len(ensemble_row) == 1 and len(marked) == 1 and best, table.stdout
     # the marked row is the run named best, or the runs' ensemble when it beats that run on validation

@@ -134,11 +134,13 @@ def list_command(json_out: bool = JSON_OPTION) -> None:
         return
     table = Table(title=f"Prepared data sets in {datasets_dir()}", title_justify="left")
     for column in ("name", "images", "classes", "cache", "created", "source"):
-        table.add_column(column, justify="right" if column == "images" else "left")
+        table.add_column(column, justify="right" if column == "images" else "left",
+                         no_wrap=column in ("images", "cache", "created"), overflow="fold")
     for m in manifests:
         images = sum(sum(c.values()) for c in m["counts"].values())
         table.add_row(m["name"], str(images), ",".join(m["classes"]),
-                      f"{m['cache']['width']}x{m['cache']['height']}", m["created"], m["source"])
+                      f"{m['cache']['width']}x{m['cache']['height']}", str(m["created"])[:16].replace("T", " "),
+                      m["source"])
     console.print(table)
 
 

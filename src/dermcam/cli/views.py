@@ -242,19 +242,25 @@ def train_comparison(results: list[Any], best: Any, offer: Any = None, created: 
 
     ensemble_wins = offer is not None and best is not None and best.best_value is not None \
         and offer.score > offer.best_single[1] and best.config.monitor == "val_balanced_accuracy"
-    table = Table(title="Comparison (best on validation marked *)")
-    for column in ("", "run", "backbone", "lr", "size", "seed", "epochs", "best val", "test bal.acc", "test mel recall"):
-        table.add_column(column)
+    # only what differs between the runs gets a column; what they share goes in the caption
+    settings = {"backbone": lambda r: r.config.backbone, "lr": lambda r: f"{r.config.lr:g}",
+                "size": lambda r: str(r.config.image_size or "default"), "seed": lambda r: str(r.config.seed),
+                "epochs": lambda r: str(r.epochs_done)}
+    varying = [k for k, get in settings.items() if len({get(r) for r in results}) > 1]
+    shared = ", ".join(f"{k} {get(results[0])}" for k, get in settings.items() if k not in varying and results)
+    table = Table(title="Comparison (best on validation marked *)", title_justify="left", box=box.SIMPLE_HEAVY,
+                  caption=f"Every run: {shared}." if shared else None, caption_justify="left")
+    for column in ("", "run", *varying, "best val", "test bal.acc", "test mel recall"):
+        table.add_column(column, no_wrap=column in ("run", "backbone"),
+                         justify="right" if column in ("best val", "test bal.acc", "test mel recall") else "left")
     for r in results:
         test = r.test_metrics or {}
         marked = best is not None and r.run_id == best.run_id and not ensemble_wins
-        table.add_row("*" if marked else "", r.run_id, r.config.backbone,
-                      f"{r.config.lr:g}", str(r.config.image_size or "default"), str(r.config.seed),
-                      str(r.epochs_done), format_value(r.best_value), format_value(test.get("balanced_accuracy")),
+        table.add_row("*" if marked else "", r.run_id, *(settings[k](r) for k in varying),
+                      format_value(r.best_value), format_value(test.get("balanced_accuracy")),
                       format_value(test.get("recall_mel")))
     if offer is not None:
-        members = " + ".join(f"{i}" + (f" x{n}" if n > 1 else "") for i, n in offer.members)
-        table.add_row("*" if ensemble_wins else "", "ensemble", members, "", "", "", "",
+        table.add_row("*" if ensemble_wins else "", "ensemble", *([""] * len(varying)),
                       format_value(offer.score), "-", "-")
     console.print(table)
     if best is not None:
@@ -267,6 +273,9 @@ def train_comparison(results: list[Any], best: Any, offer: Any = None, created: 
         console.print(f"Ensemble of the runs (greedy on val, balanced accuracy {offer.score:.3f} vs best single "
                       f"{offer.best_single[1]:.3f}); store it with: dermcam ensemble create NAME "
                       f"{' '.join(i for i, _ in offer.members)} --weights {weights}", highlight=False)
+    elif offer is not None:
+        console.print(f"The ensemble row is {offer.members[0][0]} alone: greedy selection on val found no "
+                      "combination of the runs that does better.", highlight=False)
 
 
 def with_ci(value: Any, ci: list[float] | None) -> str:
