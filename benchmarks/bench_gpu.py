@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--explain-batch", type=int, default=64)
     parser.add_argument("--explain-repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="only the eager rows")
+    parser.add_argument("--only-compile", action="store_true", help="only the --compile rows")
     parser.add_argument("--smoke", action="store_true",
                         help="run every step on the CPU, tiny, print the rows, write nothing")
     args = parser.parse_args()
@@ -218,7 +219,7 @@ def main() -> None:
         os.environ["DERMCAM_HOME"] = str(Path(tmp) / "home")
         dataset = prepare_synthetic(args.lesions)
         for backbone in args.backbones:
-            for compile_ in (False,) if args.no_compile else (False, True):
+            for compile_ in (False,) if args.no_compile else (True,) if args.only_compile else (False, True):
                 print(f"{backbone}, compile={compile_} ...", file=sys.stderr, flush=True)
                 trainer, row = train_rows(backbone, compile_, args, dataset)
                 row.update(inference_rows(trainer, compile_, args))

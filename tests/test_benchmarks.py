@@ -5,6 +5,7 @@ spend them on a bug in the script. Nothing is timed or compared here; benchmarks
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,19 @@ def test_bench_gpu_runs_every_step_on_the_cpu_in_smoke_mode(tmp_path: Path) -> N
     assert not list(tmp_path.iterdir())  # smoke mode writes no results
     results = BENCH.parent / "results" / "gpu.json"
     assert not results.exists() or "test_efficientnet" not in results.read_text()
+
+
+def test_the_prepared_gpu_session_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/gpu_session.py is what a session lent a GPU runs in its few minutes: every step of it
+    (the benchmark, prepare, a run, a SIGKILLed run resumed, the weight comparison) runs here tiny."""
+    script = BENCH.parent / "gpu_session.py"
+    proc = subprocess.run([sys.executable, str(script), "run", "--smoke"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, check=False, env={**os.environ, "OUT": str(tmp_path / "out"),
+                                                                      "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "session.json").read_text())
+    assert record["bench_gpu_eager"]["exit"] == 0 and record["prepare"]["exit"] == 0 and "train_error" not in record
+    assert record["train"]["epochs"] == 2 and record["train"]["test"]["balanced_accuracy"] is not None
+    # on the CPU a killed-and-resumed run ends with exactly the weights of an uninterrupted one
+    assert record["kill_resume"]["max_weight_difference"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_gpu.log", "session.json", "train.log"]
