@@ -334,16 +334,19 @@ def test_evaluate_gives_the_weighted_mean_of_the_members(runner, store: Store, t
     by_prefix = run_json(runner, ["evaluate", "ensemble:pair", *NO_CI, "--json"])
     by_name = run_json(runner, ["evaluate", "pair", *NO_CI, "--json"])
     assert by_prefix == by_name and "ensemble:pair" in json.dumps(by_prefix)
-    # the members calibrate inside: no raw counterpart is claimed (it would repeat the calibrated numbers)
+    # the members calibrate inside; one pass also gives the raw view: the mean of their raw softmaxes,
+    # exactly what --no-calibration reports (not the calibrated numbers twice)
     cal = by_prefix["metrics"]["calibration"]
-    assert cal["applied"] and cal["method"] == "members" and cal["raw"] is None and cal["nll"] > 0
-    text = runner.invoke(app, ["evaluate", "pair", *NO_CI], env={"COLUMNS": "200"})
-    assert text.exit_code == 0 and "raw: evaluate --no-calibration" in text.stdout, text.output
     plain = run_json(runner, ["evaluate", "pair", *NO_CI, "--json", "--no-calibration"])["metrics"]["calibration"]
-    assert not plain["applied"] and plain["raw"]["nll"] == pytest.approx(plain["nll"])
+    assert cal["applied"] and cal["method"] == "members" and not plain["applied"]
+    for key in ("ece", "brier", "nll"):
+        assert cal["raw"][key] == pytest.approx(plain[key], abs=1e-6), key
+    assert abs(cal["raw"]["nll"] - cal["nll"]) > 1e-3
+    text = runner.invoke(app, ["evaluate", "pair", *NO_CI], env={"COLUMNS": "200"})
+    assert text.exit_code == 0 and "raw -> calibrated" in text.stdout, text.output
 
 
-def test_the_report_of_an_ensemble_lists_its_members_and_claims_no_raw_calibration(runner, store: Store,
+def test_the_report_of_an_ensemble_lists_its_members_and_compares_raw_and_calibrated(runner, store: Store,
                                                                                    tmp_path: Path) -> None:
     import html as html_lib
 
@@ -357,7 +360,7 @@ def test_the_report_of_an_ensemble_lists_its_members_and_claims_no_raw_calibrati
         assert text in model, text
     assert "Training configuration" not in model and "epoch" not in model
     calibration = page[page.index('id="calibration"'):page.index('id="operating-point"')]
-    assert "--no-calibration" in calibration and ">raw<" not in calibration
+    assert "uncalibrated probabilities" in calibration and ">raw<" in calibration
 
 
 # --------------------------------------------------------------------------------------- explain
@@ -655,7 +658,7 @@ def test_one_member_ensemble_is_that_member_calibrated(calibration: dict | None)
 
     from dermcam.data.geometry import batch_input, to_float
     from dermcam.evaluate.calibration import rescale
-    from dermcam.models.ensemble import EnsembleModel, MemberSpec
+    from dermcam.models.ensemble import EnsembleModel, MemberSpec, WithRaw
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3).eval()
@@ -674,6 +677,12 @@ def test_one_member_ensemble_is_that_member_calibrated(calibration: dict | None)
         uncalibrated = EnsembleModel([model], [MemberSpec(pre, calibration, 1.0)], calibrated=False).eval()
         with torch.no_grad():
             assert np.abs(uncalibrated(to_float(pixels)).softmax(1).double().numpy() - raw).max() < 1e-5
+    # evaluate's one pass for both views: the reported half is the ensemble's, the other half the raw mean
+    with torch.no_grad():
+        both = WithRaw(ensemble)(to_float(pixels))
+    assert both.shape == (4, 6)
+    assert np.abs(both[:, :3].softmax(1).double().numpy() - expected).max() < 1e-5
+    assert np.abs(both[:, 3:].softmax(1).double().numpy() - raw).max() < 1e-5
 
 
 def test_the_ensemble_sees_the_cache_image_as_geometry_hands_it_over() -> None:

@@ -328,9 +328,6 @@ def calibration_line(report: dict[str, Any]) -> str:
     from dermcam.evaluate.calibration import describe
 
     raw = report["raw"]
-    if raw is None:  # an ensemble's members calibrate inside it: no raw counterpart
-        return (f"Calibration: {describe(report)}: ECE {report['ece']:.3f}  Brier {report['brier']:.3f}  "
-                f"NLL {report['nll']:.3f} (raw: evaluate --no-calibration)")
     if not report["applied"]:
         return (f"Calibration: none applied (raw probabilities): ECE {raw['ece']:.3f}  Brier {raw['brier']:.3f}  "
                 f"NLL {raw['nll']:.3f}")

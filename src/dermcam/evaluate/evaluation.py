@@ -111,18 +111,14 @@ def scored_split(sidecar: dict[str, Any], dataset: str | None, split: str, root:
 
 def calibration_report(y_true: np.ndarray, raw: np.ndarray, outputs: Any) -> dict[str, Any]:
     """``metrics["calibration"]``: ECE, Brier and NLL of the probabilities reported (calibrated when a
-    calibration was applied), the same of the raw ones under ``raw``, and what was applied.
-
-    An ensemble's members calibrate inside it (method ``members``): what the model returns is already
-    calibrated, so there is no raw counterpart to report (``raw`` is None; ``evaluate --no-calibration``
-    scores the mean of the members' raw probabilities)."""
+    calibration was applied), the same of the raw ones under ``raw``, and what was applied. For an
+    ensemble, raw is the weighted mean of its members' raw probabilities."""
     from dermcam.evaluate.calibration import calibration_metrics
 
     applied = outputs.calibration
-    inside = applied is not None and applied.get("method") == "members"
     return {"applied": applied is not None, "method": applied["method"] if applied else None,
             "temperature": applied["temperature"] if applied else None,
-            **calibration_metrics(y_true, outputs.probs), "raw": None if inside else calibration_metrics(y_true, raw)}
+            **calibration_metrics(y_true, outputs.probs), "raw": calibration_metrics(y_true, raw)}
 
 
 def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str | None = None,
@@ -166,11 +162,19 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     dev = select_device(device)
     model.to(dev)
     notes: list[str] = []  # a --compile that fell back to eager says so
-    raw = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
-                  precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
-                  compile=compile, notes=notes,
-                  progress=progress, description=f"evaluate {split}")
-    outputs = model_outputs(raw, sidecar, calibrated=calibrated)
+    # An ensemble's members calibrate inside it: one pass gives its reported and its raw view (WithRaw).
+    # A checkpoint's raw softmax is what predict returns, and model_outputs calibrates it.
+    inside = sidecar.get("kind") == "ensemble" and calibrated
+    if inside:
+        from dermcam.models.ensemble import WithRaw
+
+        model = WithRaw(model)
+    scores = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
+                     precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
+                     compile=compile, notes=notes, progress=progress, description=f"evaluate {split}",
+                     heads=2 if inside else 1)
+    reported, raw = (scores[:, :len(classes)], scores[:, len(classes):]) if inside else (scores, scores)
+    outputs = model_outputs(reported, sidecar, calibrated=calibrated)
     probs = outputs.probs
     scored = scored_set.shared if len(scored_set.shared) < len(classes) else None
     metrics = compute_metrics(y_true, probs, classes, scored=scored)

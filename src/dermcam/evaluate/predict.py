@@ -19,9 +19,11 @@ def batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, preprocessing: Mapping[str, Any], device: Any,
             precision: str = "fp32", batch_size: int = 64, tta: bool = False, channels_last: bool = False,
             compile: bool = False, notes: list[str] | None = None, progress: Progress | None = None,
-            description: str = "predict") -> np.ndarray:
+            description: str = "predict", heads: int = 1) -> np.ndarray:
     """Class probabilities (N, K) for cache rows ``rows`` of ``images``, seen through a checkpoint's
     ``preprocessing`` (:func:`dermcam.data.geometry.batch_input`); ``tta`` averages over flips.
+    ``heads``: the model's output is that many blocks of K logits side by side (an ensemble's
+    reported and raw view, :class:`dermcam.models.ensemble.WithRaw`), each softmaxed on its own.
 
     ``compile``: run the model through torch.compile; when that is unavailable or fails (also at a
     later batch, where a new shape recompiles) the eager model takes over and the one-line reason is
@@ -53,7 +55,8 @@ def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, preprocessing: 
                         raise
                     forward, note = model, compile_failed_note(exc)
                     outputs = [model(v) for v in views]
-                probs = torch.stack([o.float().softmax(dim=1) for o in outputs]).mean(dim=0)
+                probs = torch.stack([o.float().unflatten(1, (heads, -1)).softmax(dim=2).flatten(1)
+                                     for o in outputs]).mean(dim=0)
                 out.append(probs.cpu().numpy())
                 progress.advance(len(chunk))
     finally:

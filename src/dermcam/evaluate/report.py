@@ -82,17 +82,15 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
     return _save(fig, path)
 
 
-def plot_reliability(y_true: np.ndarray, raw: np.ndarray | None, calibrated: np.ndarray | None, path: Path,
+def plot_reliability(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray | None, path: Path,
                      title: str = "") -> Path:
     """Reliability diagram: accuracy against confidence per bin (15 equal-width bins of the top-label
     probability), raw and calibrated side by side, ECE in each title; a perfect model lies on the
-    diagonal. Bar width shows where images are (the few images of an empty-looking bin say little).
-    ``raw`` is None for an ensemble whose members calibrate inside it (only the reported panel)."""
+    diagonal. Bar width shows where images are (the few images of an empty-looking bin say little)."""
     from dermcam.evaluate.calibration import BINS, expected_calibration_error, reliability_bins
 
     plt = _pyplot()
-    panels = ([("raw", raw)] if raw is not None else []) + \
-        ([("calibrated", calibrated)] if calibrated is not None else [])
+    panels = [("raw", raw)] + ([("calibrated", calibrated)] if calibrated is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
     edges = np.linspace(0, 1, BINS + 1)
     for ax, (name, probs) in zip(axes[0], panels):
@@ -167,8 +165,7 @@ def write_probability_plots(out_dir: Path, y_true: np.ndarray, raw: np.ndarray, 
     operating point confusion_matrix_operating_point.png (its decisions)."""
     out_dir = Path(out_dir)
     point, classes = outputs.operating_point, outputs.classes
-    inside = bool(outputs.calibration) and outputs.calibration.get("method") == "members"
-    files = [plot_reliability(y_true, None if inside else raw, outputs.probs if outputs.calibration else None,
+    files = [plot_reliability(y_true, raw, outputs.probs if outputs.calibration else None,
                               out_dir / "reliability.png", title),
              plot_class_curves("roc", y_true, outputs.probs, classes, out_dir / "roc.png", point, title),
              plot_class_curves("pr", y_true, outputs.probs, classes, out_dir / "pr.png", point, title)]

@@ -76,7 +76,10 @@ class Member(torch.nn.Module):
 
     def input_probabilities(self, z: torch.Tensor) -> torch.Tensor:
         """This member's (calibrated) probabilities for its own normalised input ``z``."""
-        probs = self.model(z).float().softmax(1)
+        return self.calibrate(self.model(z).float().softmax(1))
+
+    def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
+        """Its raw probabilities -> what it reports (calibrated, or as they are without a calibration)."""
         if self.calibrated:
             probs = (probs.clamp_min(LOG_FLOOR).log() * self.scale + self.bias).softmax(1)
         return probs
@@ -113,3 +116,18 @@ class EnsembleModel(torch.nn.Module):
 
     def member_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [member.model_input(x) for member in self.members]
+
+
+class WithRaw(torch.nn.Module):
+    """An ensemble's reported and raw log-probabilities side by side, ``(N, 2K)``, from one pass of its
+    members: evaluate compares the two (ECE, Brier, NLL) the way it does for a checkpoint, whose raw
+    softmax it has anyway. ``dermcam.evaluate.predict.predict(..., heads=2)`` softmaxes each half."""
+
+    def __init__(self, ensemble: EnsembleModel) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = [member.model(member.model_input(x)).float().softmax(1) for member in self.ensemble.members]
+        reported = [member.calibrate(p) for member, p in zip(self.ensemble.members, raw)]
+        return torch.cat([self.ensemble._log_mean(reported), self.ensemble._log_mean(raw)], dim=1)

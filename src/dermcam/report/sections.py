@@ -245,18 +245,16 @@ def calibration(inputs: ReportInputs) -> Section | None:
     if not cal:
         return None
     raw = cal["raw"]
-    names = (("ECE (15 bins)", "ece"), ("Brier", "brier"), ("NLL", "nll"))
-    if raw is None:  # an ensemble whose members calibrate inside it: nothing raw to compare with
-        applied = (f"Calibration applied: {describe(cal)}, each fitted on the validation split. The members "
-                   "calibrate inside the ensemble, so there are no raw probabilities to compare with here; "
-                   "dermcam evaluate --no-calibration scores the mean of their raw probabilities.")
-        header, rows = ["", "calibrated (reported)"], [[name, number(cal[key], 4)] for name, key in names]
+    rows = [[name, number(raw[key], 4), number(cal[key], 4) if cal["applied"] else "-"]
+            for name, key in (("ECE (15 bins)", "ece"), ("Brier", "brier"), ("NLL", "nll"))]
+    if not cal["applied"]:
+        applied = "No calibration applied: raw probabilities."
+    elif cal["method"] == "members":
+        applied = (f"Calibration applied: {describe(cal)}, each fitted on the validation split; raw is the "
+                   "weighted mean of the members' uncalibrated probabilities.")
     else:
-        applied = (f"Calibration applied: {describe(cal)}, fitted on the validation split."
-                   if cal["applied"] else "No calibration applied: raw probabilities.")
-        header = ["", "raw", "calibrated (reported)"]
-        rows = [[name, number(raw[key], 4), number(cal[key], 4) if cal["applied"] else "-"] for name, key in names]
-    body: list[object] = [paragraph(applied), table(header, rows, "lower is better")]
+        applied = f"Calibration applied: {describe(cal)}, fitted on the validation split."
+    body: list[object] = [paragraph(applied), table(["", "raw", "calibrated (reported)"], rows, "lower is better")]
     if "reliability.png" in inputs.figures:
         body.append(figure(inputs.figures["reliability.png"], "reliability diagram",
                            "Accuracy against confidence in 15 bins; a calibrated model follows the diagonal."))
