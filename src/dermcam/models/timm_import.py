@@ -31,7 +31,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
@@ -60,18 +60,13 @@ def import_timm() -> ModuleType:
     try:
         import torch  # noqa: F401  (imported outside the placeholders: a C extension imports once)
 
-        with _dynamo_deferred() if defer and _PACKAGE not in sys.modules else _nothing():
+        with _dynamo_deferred() if defer and _PACKAGE not in sys.modules else nullcontext():
             import timm
     finally:
         gc.freeze()
         if enabled:
             gc.enable()
     return timm
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _real(name: str) -> ModuleType:
