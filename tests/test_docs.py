@@ -42,3 +42,19 @@ def test_relative_links_resolve(page: str) -> None:
         if target.startswith(("http://", "https://", "mailto:")):
             continue
         assert (path.parent / target).exists(), f"{page} links to missing {target}"
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """The ids mkdocs gives a page's headings (Python-Markdown's toc slugify: punctuation dropped,
+    lower case, runs of spaces and hyphens become one hyphen)."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings}
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")) + ["../README.md"])
+def test_links_to_a_section_name_one_that_exists(page: str) -> None:
+    path = (DOCS / page).resolve()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", path.read_text(encoding="utf-8")):
+        linked = (path.parent / target).resolve() if target else path
+        if linked.suffix == ".md" and linked.is_file():
+            assert anchor in heading_anchors(linked), f"{page} links to #{anchor}, which {linked.name} lacks"
