@@ -7,11 +7,30 @@ import os
 import platform
 import resource
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-lite"
+
+
+def timed(fn: Callable[[], Any], n: int, *, warmup: bool = True, sync: Callable[[], Any] | None = None) -> float:
+    """Mean seconds per call of ``fn`` over ``n`` calls, after one untimed warm-up call (allocations,
+    kernel selection) unless ``warmup`` is False (to time a first call, compiling included). ``sync``
+    (``torch.cuda.synchronize``) runs before the clock starts and before it stops, so queued GPU work
+    is counted."""
+    if warmup:
+        fn()
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if sync is not None:
+        sync()
+    return (time.perf_counter() - start) / n
 
 
 def peak_rss_mib() -> float:

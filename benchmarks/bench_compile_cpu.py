@@ -11,16 +11,8 @@ Run it alone on the machine (see DEVELOPERS.md). Results: benchmarks/results/com
 from __future__ import annotations
 
 import argparse
-import time
 
-from _common import report
-
-
-def timed(fn, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
+from _common import report, timed
 
 
 def main() -> None:
@@ -58,16 +50,16 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         model.train()
-        first = timed(step, 1)
-        step_s = timed(step, args.steps)
+        first = timed(step, 1, warmup=False)  # compiling included
+        step_s = timed(step, args.steps, warmup=False)  # the first call was the warm-up
         model.eval()
 
         def predict() -> None:
             with torch.inference_mode():
                 train_model(x).float().softmax(1)
 
-        first_predict = timed(predict, 1)
-        predict_s = timed(predict, args.steps)
+        first_predict = timed(predict, 1, warmup=False)
+        predict_s = timed(predict, args.steps, warmup=False)
         rows.append({"mode": mode, "precision": precision, "note": note, "first_train_step_s": first,
                      "train_img_s": args.batch / step_s, "first_predict_s": first_predict,
                      "predict_img_s": args.batch / predict_s})

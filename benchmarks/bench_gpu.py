@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mib, report
+from _common import peak_rss_mib, report, timed
 
 BACKBONES = ("convnext_tiny", "efficientnet_b0")
 SIZE = 224
@@ -63,13 +63,7 @@ def sync(device: str) -> None:
 
 def synced(fn: Callable[[], Any], repeats: int, device: str = "cuda") -> float:
     """Mean seconds of ``fn`` over ``repeats`` calls after one warm-up call, its GPU work included."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
+    return timed(fn, repeats, sync=lambda: sync(device))
 
 
 def reset_peak(device: str) -> None:

@@ -14,18 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
-from _common import LITE, peak_rss_mib, report
-
-
-def timed(fn, n: int) -> float:
-    fn()  # warm-up (allocations, oneDNN kernel selection)
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
+from _common import LITE, peak_rss_mib, report, timed
 
 
 def main() -> None:
