@@ -76,7 +76,11 @@ class Member(torch.nn.Module):
 
     def input_probabilities(self, z: torch.Tensor) -> torch.Tensor:
         """This member's (calibrated) probabilities for its own normalised input ``z``."""
-        return self.calibrate(self.model(z).float().softmax(1))
+        return self.calibrate(self.raw_probabilities(z))
+
+    def raw_probabilities(self, z: torch.Tensor) -> torch.Tensor:
+        """Its network's softmax for its own normalised input ``z``, before any calibration."""
+        return self.model(z).float().softmax(1)
 
     def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
         """Its raw probabilities -> what it reports (calibrated, or as they are without a calibration)."""
@@ -128,6 +132,6 @@ class WithRaw(torch.nn.Module):
         self.ensemble = ensemble
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = [member.model(member.model_input(x)).float().softmax(1) for member in self.ensemble.members]
+        raw = [member.raw_probabilities(member.model_input(x)) for member in self.ensemble.members]
         reported = [member.calibrate(p) for member, p in zip(self.ensemble.members, raw)]
         return torch.cat([self.ensemble._log_mean(reported), self.ensemble._log_mean(raw)], dim=1)

@@ -269,19 +269,20 @@ def exports_of(ckpt: Checkpoint, records: list[dict[str, Any]] | None = None) ->
     return [e for e in records if e.get("id") == ckpt.id and e.get("sha256") == sha]
 
 
-def _already_in_store(tensors_sha: str, source_sha: str | None, file_sha: str | None,
-                      root: Path | None) -> Checkpoint | None:
-    """A checkpoint in the store with exactly these weights: imported before from a file holding the same
-    tensors (``tensors_sha``; ``file_sha`` for records older than that field), or the source checkpoint
+def _holds(ckpt: Checkpoint, tensors_sha: str, source_sha: str | None, file_sha: str | None = None) -> bool:
+    """Whether ``ckpt`` has exactly these weights: imported before from a file holding the same tensors
+    (``tensors_sha``; ``file_sha`` for records older than that field), or it is the source checkpoint
     itself (a file exported from this store)."""
-    for ckpt in list_checkpoints(root):
-        imported = ckpt.sidecar.get("imported") or {}
-        if (imported.get("tensors_sha256", "") == tensors_sha
-                or (file_sha is not None and "tensors_sha256" not in imported
-                    and imported.get("file_sha256") == file_sha)
-                or ckpt.sidecar["weights"]["sha256"] == source_sha):
-            return ckpt
-    return None
+    imported = ckpt.sidecar.get("imported") or {}
+    return (imported.get("tensors_sha256", "") == tensors_sha
+            or (file_sha is not None and "tensors_sha256" not in imported and imported.get("file_sha256") == file_sha)
+            or ckpt.sidecar["weights"]["sha256"] == source_sha)
+
+
+def _already_in_store(ckpts: list[Checkpoint], tensors_sha: str, source_sha: str | None,
+                      file_sha: str | None = None) -> Checkpoint | None:
+    """The first of the store's checkpoints ``ckpts`` that :func:`_holds` these weights."""
+    return next((c for c in ckpts if _holds(c, tensors_sha, source_sha, file_sha)), None)
 
 
 def import_exported(path: Path, *, name: str | None = None, root: Path | None = None) -> dict[str, Any]:
@@ -301,7 +302,8 @@ def import_exported(path: Path, *, name: str | None = None, root: Path | None = 
     meta = exported.meta
     source = meta.get("source") or {}
     with store_lock("store", root=root):
-        existing = _already_in_store(meta["tensors_sha256"], source.get("sha256"), exported.sha256, root)
+        existing = _already_in_store(list_checkpoints(root), meta["tensors_sha256"], source.get("sha256"),
+                                     exported.sha256)
         if existing is not None:
             return {"action": "import", "created": False, "id": existing.id, "run_id": existing.run_id,
                     "file": str(path), "source_id": source.get("id")}
@@ -353,14 +355,15 @@ def _import_ensemble(exported: ExportedFile, name: str | None, root: Path | None
         if existing is not None:
             return _ensemble_imported(exported, existing, [], created=False)
         try:
-            ckpts = []
+            ckpts, known = [], list_checkpoints(root)  # read once; what this loop imports is added
             for i, (member, tensors) in enumerate(zip(members, states)):
                 source = member["source"]
-                ckpt = _already_in_store(member["tensors_sha256"], source["sha256"], None, root)
+                ckpt = _already_in_store(known, member["tensors_sha256"], source["sha256"])
                 if ckpt is None:
                     record = _imported_record(exported, member, source, ensemble=meta["name"], member=i)
                     ckpt = _import_model({**member, "classes": meta["classes"]}, tensors, record, root)
                     new_ckpts.append(ckpt)
+                    known.append(ckpt)
                 ckpts.append(ckpt)
             ensemble = new_manifest(name, ckpts, [m["weight"] for m in members],
                                     operating_point=meta.get("operating_point"),
@@ -398,10 +401,10 @@ def _existing_ensemble(name: str, members: list[dict[str, Any]], root: Path | No
 
 def _imported_from(ckpt_id: str, member: Mapping[str, Any], root: Path | None) -> bool:
     try:
-        imported = resolve(ckpt_id, root).sidecar.get("imported") or {}
+        ckpt = resolve(ckpt_id, root)
     except DermcamError:
         return False
-    return imported.get("tensors_sha256") == member["tensors_sha256"]
+    return _holds(ckpt, member["tensors_sha256"], member["source"]["sha256"])
 
 
 def _ensemble_imported(exported: ExportedFile, ensemble: Ensemble, imported: list[Checkpoint], *,
