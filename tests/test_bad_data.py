@@ -243,7 +243,8 @@ def test_write_csv_quotes_every_formula_prefix_but_not_numbers(tmp_path: Path) -
 
 @pytest.mark.parametrize("name", ["tiny\n", "tiny\r", "ti\tny", "tiny\x00", "", "a" * 65])
 def test_names_with_control_characters_are_refused(runner, ham_src: Path, dermcam_home: Path, name: str) -> None:
-    assert_one_line_error(run_prepare(runner, ham_src, "--name", name), "data set name")
+    # the option checks name the option (--name) for control characters; the library names the rule
+    assert_one_line_error(run_prepare(runner, ham_src, "--name", name), "name")
     assert not (dermcam_home / "datasets").exists() or not any((dermcam_home / "datasets").iterdir())
 
 

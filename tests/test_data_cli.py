@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +141,36 @@ def test_synthetic_classes_are_learnable(tmp_path: Path) -> None:
     distances = ((((f_held - mean) / std)[:, None] - centroids[None]) ** 2).sum(-1)
     predicted = np.argmin(distances, axis=1)
     assert (predicted == y_held).mean() > 0.7  # chance is 1/3
+
+
+def test_list_at_80_columns_cuts_no_name_or_folder_in_two(runner, synthetic_master: Path, tmp_path: Path) -> None:
+    """A long name and a deep source at 80 columns: the source goes under the name and breaks only after
+    a separator, so every folder name is whole on one line (before, both were folded mid-word)."""
+    src = Path(shutil.copytree(synthetic_master, tmp_path / "dermatology-study-2026" / "raw-images-from-the-clinic"
+                               / "exported-for-training" / "ham10000-synthetic-copy"))
+    name = "ham10000-synthetic-balanced-subset"
+    prepare(src, name=name, cache_size=(32, 24))
+    prepared(src, "short")
+    result = runner.invoke(app, ["data", "list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert sum(name in line for line in lines) == 1 and sum("short" in line for line in lines) == 1
+    for folder in src.relative_to(tmp_path).parts:  # each folder of the source whole on a line, for both sets
+        assert sum(f"{folder}{os.sep}" in line or line.rstrip().endswith(folder) for line in lines) == 2, folder
+    assert "…" not in result.stdout  # 80 columns leave room for the whole path: nothing is left out
+    rows = [line for line in lines if "32x24" in line]
+    assert len(rows) == 2
+    for row in rows:  # the classes and the date and time of creation whole on the row's line
+        assert re.search(r" bkl,mel,nv 32x24 \d{4}-\d\d-\d\d \d\d:\d\d$", row.rstrip()), row
+
+
+def test_a_source_too_long_for_its_column_keeps_its_end() -> None:
+    """In a column narrower than one of its folders, a source shows its end after '…' (data show has it whole)."""
+    from dermcam.cli.views import WrapAt
+
+    source = WrapAt("/data/dermatology-study-2026/ham10000")
+    assert source.lines(80) == ["/data/dermatology-study-2026/ham10000"]
+    assert source.lines(24) == ["/data/", "dermatology-study-2026/", "ham10000"]
+    assert source.lines(12) == ["…/ham10000"]
+    assert WrapAt("bkl,mel,nv", ",").lines(8) == ["bkl,mel,", "nv"]

@@ -16,8 +16,9 @@ def tiny_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     from dermcam import demo
     from dermcam.data import synthetic
 
+    # the demo's own input size (not a smaller one): a size that disagrees with its cache shows up here
     monkeypatch.setattr(demo, "DEMO_TRAIN", {"backbone": "test_efficientnet", "pretrained": "none", "epochs": 1,
-                                             "image_size": 48, "batch_size": 16})
+                                             "image_size": demo.DEMO_TRAIN["image_size"], "batch_size": 16})
     original = synthetic.write_synthetic_ham10000
     monkeypatch.setattr(demo, "write_synthetic_ham10000",
                         lambda dest: original(dest, n_lesions_per_class=8, images_per_lesion=(1, 2)))
@@ -31,6 +32,9 @@ def test_demo_runs_every_step_in_its_own_store(runner, tiny_demo, tmp_path: Path
                     "dermcam explain"):
         assert f"$ {command}" in result.stdout
     assert "Best checkpoint" in result.stdout and "dermcam prepare ./ham10000" in result.stdout
+    # a newcomer gets no warning or note about the demo's own settings, which they cannot act on
+    printed = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in printed if line.lstrip().startswith(("Warning", "Note"))], result.output
     store = out / "store"
     assert (store / "datasets" / "demo" / "manifest.json").is_file()
     [run] = [p for p in (store / "runs").iterdir()]

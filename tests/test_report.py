@@ -214,3 +214,27 @@ def test_a_folder_without_an_evaluation_is_a_clear_error(runner, store: Path, tm
     monkeypatch.setenv("DERMCAM_HOME", str(store))
     with pytest.raises(NotFoundError, match="holds no evaluation"):
         write_html_report(tmp_path, "best", root=store)
+
+
+def test_a_number_that_rounds_to_zero_has_no_minus_sign(run_report: Path) -> None:
+    """A perfect model's NLL (-0.0 from -log(1)) or rounding noise (-1e-7) reads 0.0000 in the report's
+    calibration table and 0.000 on the terminal, never -0.0000: both use one formatter."""
+    import numpy as np
+
+    from dermcam.cli.views import calibration_line
+    from dermcam.evaluate.metrics import cross_entropy
+    from dermcam.report.gallery import Gallery
+    from dermcam.report.sections import ReportInputs, render
+
+    assert str(cross_entropy(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]]))) == "0.0"  # not "-0.0"
+    folder = run_report.parent
+    metrics = json.loads((folder / "metrics.json").read_text())
+    sidecar = json.loads(next(folder.parent.glob("epoch-*.json")).read_text())
+    assert metrics["calibration"]["applied"]
+    metrics["calibration"].update(nll=-1e-7, ece=-0.0)
+    metrics["calibration"]["raw"]["nll"] = -0.0
+    text = render(ReportInputs(metrics, sidecar, None, None, {}, Gallery(), {}, "now"))
+    negative_zero = re.compile(r"(?<![0-9])-0\.0+(?![0-9])")  # not the dash of an interval "0.000-0.000"
+    assert "<td>NLL</td><td>0.0000</td><td>0.0000</td>" in text and not negative_zero.search(text)
+    line = calibration_line(metrics["calibration"])
+    assert " -> 0.000  Brier" in line and "NLL 0.000 -> 0.000" in line and not negative_zero.search(line)

@@ -335,3 +335,18 @@ def test_an_image_size_above_the_cache_says_it_trains_on_upsampled_pixels(runner
     result = runner.invoke(app, ["train", *args, "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert "upsampled" in result.stderr.replace("\n", " ")
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_nan_checkpoint(runner, home: Path) -> None:
+    from dermcam.store.runs import latest_run, read_run
+
+    result = runner.invoke(app, ["train", *TINY, "--epochs", "2", "--lr", "1e23"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "--lr" in errors[0], result.stderr
+    run = read_run(latest_run())
+    assert run["status"] == "failed" and "diverged" in run["error"]
+    for weights in latest_run().glob("epoch-????.safetensors"):  # whatever was saved before is finite
+        epoch = int(weights.stem.split("-")[1])
+        assert all(np.isfinite(t).all() for t in weights_of(latest_run(), epoch).values())

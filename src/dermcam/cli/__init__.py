@@ -11,9 +11,12 @@ import importlib
 import typer
 
 from dermcam import __version__
+from dermcam.cli.root import RootGroup, flags_show_no_value
 
+flags_show_no_value()
 app = typer.Typer(
     name="dermcam",
+    cls=RootGroup,  # every usage error one line, every typed value checked (see dermcam.cli.root)
     help=(
         "Dermoscopy image classification with explanations.\n\n"
         "Typical workflow: dermcam prepare ./ham10000 -> dermcam train -> dermcam ckpt list -> "

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli.common import JSON_OPTION, console, err_console, handle_errors, print_json, show_warnings
 from dermcam.errors import BadInputError, ExitCode
 
 ckpt_app = typer.Typer(
@@ -140,6 +140,7 @@ def export_cmd(
                                    force=force)
     else:
         raise BadInputError(f"unknown --format '{fmt}' (choose safetensors or onnx)")
+    show_warnings(result.get("warnings", []))
     if as_json:
         print_json(result)
         return
@@ -190,6 +191,7 @@ def restore_cmd(
                 err_console.print("Nothing changed.")
                 raise typer.Exit(int(ExitCode.OK))
     result = restore(target, name=name)
+    show_warnings(result.get("warnings", []))
     if as_json:
         print_json(result)
     elif result.get("kind") == "ensemble":

@@ -5,19 +5,38 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dermcam.checks import is_control
 from dermcam.errors import DermcamError, ExitCode
 
 console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line whatever it quotes: a control character (a newline in a value someone
+    typed, in a file name; see :func:`dermcam.checks.is_control`) is shown escaped, as Python writes it
+    in a string (``\\n``)."""
+    return "".join(c.encode("unicode_escape").decode() if is_control(c) else c for c in message)
+
+
+def print_error(message: str) -> None:
+    """``Error: <message>`` as one line on stderr (never wrapped, never read as markup)."""
+    err_console.print(f"[bold red]Error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> NoReturn:
+    """:func:`print_error`, then exit with ``code``: how every error ends."""
+    print_error(message)
+    raise typer.Exit(int(code))
 
 
 def handle_errors(func: F) -> F:
@@ -28,8 +47,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DermcamError as exc:
-            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(int(exc.exit_code)) from None
+            fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
@@ -43,10 +61,16 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def show_warnings(warnings: Iterable[str]) -> None:
+    """``Warning: <line>`` on stderr for each of a library result's warnings, one line each (never
+    wrapped: a script reads them line by line)."""
+    for warning in warnings:
+        err_console.print(f"[yellow]Warning:[/] {escape(one_line(warning))}", highlight=False, soft_wrap=True)
+
+
 def show_result(result: Any, json_output: bool, render: Callable[[Any], None]) -> None:
     """A library result's warnings on stderr, then ``result.to_dict()`` as JSON or ``render(result)``."""
-    for warning in getattr(result, "warnings", []):
-        err_console.print(f"[yellow]Warning:[/] {escape(warning)}")
+    show_warnings(getattr(result, "warnings", []))
     if json_output:
         print_json(result.to_dict())
     else:

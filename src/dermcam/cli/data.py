@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from dermcam.cli import views
+from dermcam.checks import SEED_MAX, check_output_dir
 from dermcam.cli.common import JSON_OPTION, console, handle_errors, print_json
 from dermcam.data.classes import DEFAULT_CLASSES
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE
@@ -72,7 +72,7 @@ def prepare_command(
                                           help="Comma-separated class names (default: nv,bkl,mel when the source "
                                                "has all three, else every class found); labels are the names "
                                                "sorted alphabetically (bkl=0, mel=1, nv=2)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the split and for --max-per-class."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed for the split and for --max-per-class."),
     fractions: Optional[str] = typer.Option(None, "--fractions",
                                             help=f"train,val,test fractions (default: "
                                                  f"{','.join(map(str, DEFAULT_FRACTIONS))})."),
@@ -132,16 +132,7 @@ def list_command(json_out: bool = JSON_OPTION) -> None:
     if not manifests:
         console.print(f"No prepared data sets in {datasets_dir()}. Run: dermcam prepare SRC", highlight=False)
         return
-    table = Table(title=f"Prepared data sets in {datasets_dir()}", title_justify="left")
-    for column in ("name", "images", "classes", "cache", "created", "source"):
-        table.add_column(column, justify="right" if column == "images" else "left",
-                         no_wrap=column in ("images", "cache", "created"), overflow="fold")
-    for m in manifests:
-        images = sum(sum(c.values()) for c in m["counts"].values())
-        table.add_row(m["name"], str(images), ",".join(m["classes"]),
-                      f"{m['cache']['width']}x{m['cache']['height']}", str(m["created"])[:16].replace("T", " "),
-                      m["source"])
-    console.print(table)
+    console.print(views.dataset_list_table(manifests, datasets_dir()))
 
 
 @data_app.command("show")
@@ -167,16 +158,17 @@ def show_command(name: str = typer.Argument(..., help="Data set name (see dermca
 @handle_errors
 def synthetic_command(
     dest: Path = typer.Argument(..., help="Folder to write (Kaggle HAM10000 layout)."),
-    lesions_per_class: int = typer.Option(40, "--lesions-per-class", min=1, help="Lesions per class."),
+    lesions_per_class: int = typer.Option(40, "--lesions-per-class", min=1, max=10_000, help="Lesions per class."),
     classes: str = typer.Option("nv,bkl,mel", "--classes", help="Comma-separated class codes."),
     size: str = typer.Option("200x150", "--size", help="Image size, WIDTHxHEIGHT."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes the same files."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed: the same seed writes the same files."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Write a small synthetic dermoscopy-like data set (1-3 images per lesion) to try dermcam on."""
     from dermcam.data.geometry import parse_size
     from dermcam.data.synthetic import write_synthetic_ham10000
 
+    check_output_dir(dest, "DEST")
     path = write_synthetic_ham10000(dest, n_lesions_per_class=lesions_per_class,
                                     classes=tuple(_split_list(classes, "--classes")),
                                     size=parse_size(size, "--size"), seed=seed)

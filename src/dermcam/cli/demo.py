@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from dermcam.checks import check_output_dir
 from dermcam.cli import views
 from dermcam.cli.common import console, handle_errors
 
@@ -44,6 +45,7 @@ def demo_command(
     from dermcam.demo import run_demo
     from dermcam.progress import rich_progress
 
+    check_output_dir(out, "--out")
     console.print("[bold]dermcam demo[/]: the whole pipeline on a synthetic, dermoscopy-like data set. "
                   f"Everything goes to {out}/ (its own store: DERMCAM_HOME={out}/store).")
     with rich_progress() as progress:

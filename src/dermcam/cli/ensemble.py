@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from dermcam.checks import MAX_BATCH_SIZE
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, console, handle_errors, print_json, show_result
 from dermcam.errors import BadInputError, ExitCode
@@ -52,7 +53,7 @@ def create_cmd(
                                                        "on the validation split, e.g. mel:sensitivity=0.90."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite an ensemble of the same name."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (for the validation pass)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward pass."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Make an ensemble of checkpoints and score it on the validation split.

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from dermcam.checks import MAX_BATCH_SIZE, SEED_MAX, check_output_dir
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, handle_errors, show_result
 from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
@@ -24,10 +25,10 @@ def evaluate_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: no files, print only)."),
     resamples: int = typer.Option(DEFAULT_RESAMPLES, "--resamples", min=0, max=100_000,
                                   help="Bootstrap resamples of lesions for the 95% intervals (0: no intervals)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resampling."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the bootstrap resampling."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (fp32: the same scores as explain, on every machine) | bf16 | fp16 | fp32."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward pass."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model: slower start, faster "
                                                           "passes; worth it for large sets (falls back to "
                                                           "eager with a warning)."),
@@ -47,6 +48,8 @@ def evaluate_command(
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
 
+    if out is not None:
+        check_output_dir(out, "--out")  # before the model loads: nothing is written when it is unusable
     with rich_progress() as progress:
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
                           batch_size=batch_size, resamples=resamples, seed=seed, calibrated=not no_calibration,

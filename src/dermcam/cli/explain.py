@@ -7,8 +7,17 @@ from typing import Optional
 
 import typer
 
+from dermcam.checks import MAX_BATCH_SIZE, check_output_dir, check_output_file
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, console, err_console, handle_errors, print_json
+from dermcam.cli.common import (
+    JSON_OPTION,
+    NO_CALIBRATION_OPTION,
+    console,
+    handle_errors,
+    print_error,
+    print_json,
+    show_warnings,
+)
 from dermcam.errors import ExitCode
 from dermcam.explain.methods import METHODS
 from dermcam.progress import rich_progress
@@ -38,7 +47,7 @@ def explain_command(
                                                       "(about 40 extra forward passes per image)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N. Maps are computed in fp32."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward/backward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward/backward pass."),
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -57,12 +66,16 @@ def explain_command(
     """
     from dermcam.explain.pipeline import explain, write_csv
 
+    check_output_dir(out, "--out")  # before the model loads: nothing is written when a path is unusable
+    if csv_path is not None:
+        check_output_file(csv_path, "--csv")
     with rich_progress(enabled=not json_out) as progress:
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
                          target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
                          calibrated=not no_calibration, device=device, batch_size=batch_size, progress=progress)
     if csv_path is not None:
         write_csv(report, csv_path)
+    show_warnings(report.warnings)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -71,7 +84,7 @@ def explain_command(
         what = f"{report.method} on {report.layer}" if report.method else "predictions only"
         console.print(f"{len(report.results)} explained ({what}) -> {report.out_dir}", highlight=False)
     for failure in report.failures:
-        err_console.print(f"[bold red]Error:[/] {failure.error}", highlight=False, soft_wrap=True)
+        print_error(failure.error)
     if report.exit_code != ExitCode.OK:
         raise typer.Exit(int(report.exit_code))
 

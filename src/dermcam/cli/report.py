@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from dermcam.checks import check_output_dir
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, handle_errors, show_result
 
@@ -39,6 +40,8 @@ def report_command(
     from dermcam.progress import rich_progress
     from dermcam.report.build import report
 
+    if out is not None:
+        check_output_dir(out, "--out")  # before the model loads: nothing is written when it is unusable
     with rich_progress(enabled=not json_output) as progress:
         result = report(ref, dataset=data, split=split, out_dir=out, reevaluate=reevaluate, device=device,
                         progress=progress)

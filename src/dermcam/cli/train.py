@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from dermcam.checks import MAX_BATCH_SIZE, MAX_EPOCHS, SEED_MAX
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, handle_errors, print_json
 from dermcam.train.config import TrainConfig
@@ -21,8 +22,8 @@ GRID = "Repeat to compare configurations (each combination becomes a run)"
 HELP = {  # option help; _h() appends TrainConfig's default
     "backbone": "Any timm model name",
     "pretrained": "auto | hub | none | PATH to a .safetensors / state-dict file",
-    "epochs": "Training epochs; the cosine schedule spans all of them",
-    "batch_size": "Images per batch",
+    "epochs": f"Training epochs, 1 to {MAX_EPOCHS}; the cosine schedule spans all of them",
+    "batch_size": f"Images per batch, 1 to {MAX_BATCH_SIZE}",
     "lr": "Learning rate",
     "head_lr_scale": "The new classifier head learns at this multiple of --lr",
     "freeze": "Keep the stem and this many first stages at their pretrained weights "
@@ -42,7 +43,7 @@ HELP = {  # option help; _h() appends TrainConfig's default
     "channels_last": "channels_last memory format, faster convolutions",
     "compile": "torch.compile the training forward (the first step compiles; later ones may be faster on a "
                "GPU); where it is unavailable or fails, training goes on eagerly with a note",
-    "seed": "Random seed",
+    "seed": f"Random seed, 0 to {SEED_MAX}",
     "operating_point": "After training, calibrate the best checkpoint on val and choose this threshold on "
                        "its calibrated probabilities: CLASS:sensitivity=T or CLASS:specificity=T",
 }

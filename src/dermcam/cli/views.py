@@ -37,7 +37,9 @@ def human_age(seconds: float | None) -> str:
 
 
 def metric_cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    from dermcam.evaluate.metrics import format_value
+
+    return format_value(float(value)) if isinstance(value, (int, float)) else "-"
 
 
 def monitor_cell(monitor: dict[str, Any]) -> str:
@@ -152,6 +154,75 @@ def short_path(path: Path) -> str:
         return str(path)
 
 
+class WrapAt:
+    """A table cell that breaks only after ``after``'s characters: a path after its separators, a list
+    after its commas. Rich wraps at spaces and folds anything else mid-word, which cuts a path or a
+    class name in two at 80 columns. When a piece is wider than the column, the start is left out
+    instead, whole pieces kept (``…/end/of/path``): the end names the folder, and ``…`` says there is
+    more (``dermcam data show`` prints it whole). Plain text, never read as markup."""
+
+    def __init__(self, text: str, after: str = "/\\", style: str = "") -> None:
+        import re
+
+        self.text, self.style = text, style
+        self.pieces = [p for p in re.split(f"(?<=[{re.escape(after)}])", text) if p] or [""]
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.cells import cell_len
+        from rich.measure import Measurement
+
+        return Measurement(min(cell_len(self.text), 8), cell_len(self.text))
+
+    def lines(self, width: int) -> list[str]:
+        """The text in lines of at most ``width`` cells (see the class)."""
+        from rich.cells import cell_len, set_cell_size
+
+        lines = [""]
+        for piece in self.pieces:
+            if lines[-1] and cell_len(lines[-1] + piece) > width:
+                lines.append("")
+            lines[-1] += piece
+        if all(cell_len(line) <= width for line in lines):
+            return lines
+        tail, cut = "", ""  # the whole pieces that fit after "…", and the last piece left out
+        for piece in reversed(self.pieces):
+            if cell_len("…" + piece + tail) > width:
+                cut = piece
+                break
+            tail = piece + tail
+        if not tail:  # the last piece alone is too wide: its end, still marked as cut
+            return ["…" + set_cell_size(self.pieces[-1][::-1], max(width - 1, 0))[::-1]]
+        # "…/end" rather than "…end": the separator the left-out piece ended with, when it fits
+        return ["…" + (cut[-1:] + tail if cell_len("…" + cut[-1:] + tail) <= width else tail)]
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.text import Text
+
+        yield Text("\n".join(self.lines(options.max_width)), style=self.style, no_wrap=True, overflow="ignore")
+
+
+def dataset_list_table(manifests: list[dict[str, Any]], where: Path) -> Table:
+    """``dermcam data list``: one row per prepared set, its source under its name (as ``ckpt list`` puts
+    the data set under the backbone), so a long path gets the width of the row's widest column rather
+    than what is left beside the others. Names break only after - _ . , classes after commas, sources
+    after separators: at 80 columns nothing is cut mid-word."""
+    from rich.console import Group
+
+    table = Table(title=f"Prepared data sets in {where}", title_justify="left", box=None,
+                  header_style="bold underline", padding=(0, 1), collapse_padding=True, pad_edge=False)
+    table.add_column("name / source")  # the widest column: rich narrows it first
+    table.add_column("images", justify="right", no_wrap=True)
+    table.add_column("classes")
+    table.add_column("cache", no_wrap=True)
+    table.add_column("created")  # between the date and the time, on a narrow terminal
+    for m in manifests:
+        images = sum(sum(c.values()) for c in m["counts"].values())
+        name_source = Group(WrapAt(m["name"], "-_.", style="bold"), WrapAt(str(m["source"]), style="dim"))
+        table.add_row(name_source, str(images), WrapAt(",".join(m["classes"]), ","),
+                      f"{m['cache']['width']}x{m['cache']['height']}", str(m["created"])[:16].replace("T", " "))
+    return table
+
+
 def explain_table(report: Any, width: int = 80) -> Table:
     """One row per image: predicted class in bold, then every class probability, the decision at the
     operating point, the overlay and the faithfulness scores. Nothing is cut to fit ``width``: the
@@ -215,7 +286,8 @@ def train_result(result: Any) -> None:
     if result.best_id is None:
         console.print("No checkpoint was saved.")
         return
-    console.print(f"Best checkpoint: [bold]{result.best_id}[/] ({result.config.monitor} = {result.best_value:.4f})")
+    console.print(f"Best checkpoint: [bold]{result.best_id}[/] "
+                  f"({result.config.monitor} = {format_value(result.best_value, 4)})")
     if result.test_metrics:
         metrics = result.test_metrics
         table = Table(title="Test split (best checkpoint)")
@@ -283,7 +355,7 @@ def with_ci(value: Any, ci: list[float] | None) -> str:
     from dermcam.evaluate.metrics import format_value
 
     text = format_value(value)
-    return f"{text} [dim]({ci[0]:.3f}-{ci[1]:.3f})[/]" if ci and value is not None else text
+    return f"{text} [dim]({format_value(ci[0])}-{format_value(ci[1])})[/]" if ci and value is not None else text
 
 
 def evaluation(result: Any) -> None:
@@ -326,13 +398,14 @@ def evaluation(result: Any) -> None:
 def calibration_line(report: dict[str, Any]) -> str:
     """``Calibration (temperature 1.83): ECE 0.210 -> 0.041  Brier ...  NLL ...`` (raw -> reported)."""
     from dermcam.evaluate.calibration import describe
+    from dermcam.evaluate.metrics import format_value as fmt
 
     raw = report["raw"]
     if not report["applied"]:
-        return (f"Calibration: none applied (raw probabilities): ECE {raw['ece']:.3f}  Brier {raw['brier']:.3f}  "
-                f"NLL {raw['nll']:.3f}")
-    return (f"Calibration: {describe(report)}; raw -> calibrated: ECE {raw['ece']:.3f} -> {report['ece']:.3f}  "
-            f"Brier {raw['brier']:.3f} -> {report['brier']:.3f}  NLL {raw['nll']:.3f} -> {report['nll']:.3f}")
+        return (f"Calibration: none applied (raw probabilities): ECE {fmt(raw['ece'])}  Brier {fmt(raw['brier'])}  "
+                f"NLL {fmt(raw['nll'])}")
+    return (f"Calibration: {describe(report)}; raw -> calibrated: ECE {fmt(raw['ece'])} -> {fmt(report['ece'])}  "
+            f"Brier {fmt(raw['brier'])} -> {fmt(report['brier'])}  NLL {fmt(raw['nll'])} -> {fmt(report['nll'])}")
 
 
 def operating_point_line(point: dict[str, Any]) -> str:
@@ -358,6 +431,7 @@ def confusion_table(matrix: list[list[int]], classes: list[str], title: str) -> 
 def calibration_result(result: Any) -> None:
     """``dermcam calibrate``: what was fitted, before and after on the val split, the operating point."""
     from dermcam.evaluate.calibration import describe
+    from dermcam.evaluate.metrics import format_value
 
     cal = result.calibration
     fitted = cal["fitted_on"]
@@ -367,12 +441,12 @@ def calibration_result(result: Any) -> None:
     for column in ("", "ECE (15 bins)", "Brier", "NLL"):
         table.add_column(column, justify="right" if column else "left")
     for name in ("before", "after"):
-        table.add_row(name, *(f"{cal[name][k]:.4f}" for k in ("ece", "brier", "nll")))
+        table.add_row(name, *(format_value(cal[name][k], 4) for k in ("ece", "brier", "nll")))
     console.print(table)
     check = cal.get("vector_check") or {}
     if "temperature_nll" in check:
         console.print("Vector scaling, held-out NLL on each half of the val lesions: "
-                      + ", ".join(f"{v:.4f} vs temperature {t:.4f}" for v, t in
+                      + ", ".join(f"{format_value(v, 4)} vs temperature {format_value(t, 4)}" for v, t in
                                   zip(check["vector_nll"], check["temperature_nll"]))
                       + (" -> kept" if check["kept"] else " -> not kept (temperature only)"), highlight=False)
     elif check.get("note"):

@@ -2,13 +2,14 @@
 
 Class names are free (a team's own diagnoses, not only HAM10000's seven codes): a label is stripped,
 lower-cased and its inner spaces become ``_`` (``"Basal cell carcinoma"`` -> ``basal_cell_carcinoma``),
-and must then be a plain name (letters, digits, ``_ - +``, 1-40 characters). Labels are the chosen
-names sorted alphabetically, numbered from 0.
+and must then be a plain name (letters in any script, digits, ``_ - +``, 1-40 characters: ``mélanome``
+is one). Labels are the chosen names sorted alphabetically, numbered from 0.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 
 from dermcam.errors import BadInputError
@@ -23,12 +24,16 @@ DEFAULT_CLASSES = ("nv", "bkl", "mel")
 UNKNOWN_LABELS = frozenset({"unk", "unknown"})
 
 
-_PLAIN = re.compile(r"[a-z0-9_+-]{1,40}")
+# \w is Unicode-aware: letters and digits of any script (é, ß, ø, ...) and "_"; no punctuation, no
+# spaces, no control or formatting characters (a right-to-left override cannot hide in a name).
+_PLAIN = re.compile(r"[\w+-]{1,40}")
 
 
 def normalise_class(label: str) -> str:
-    """``" Basal cell  carcinoma "`` -> ``"basal_cell_carcinoma"``: stripped, lower-cased, spaces as ``_``."""
-    return re.sub(r"\s+", "_", str(label).strip().lower())
+    """``" Basal cell  carcinoma "`` -> ``"basal_cell_carcinoma"``: stripped, lower-cased, spaces as ``_``,
+    and in Unicode's composed form (NFC), so ``mélanome`` typed in a CSV and ``mélanome`` read from a
+    macOS folder name (decomposed: ``e`` + a combining accent) are one class."""
+    return re.sub(r"\s+", "_", unicodedata.normalize("NFC", str(label)).strip().lower())
 
 
 def is_plain_name(name: str) -> bool:

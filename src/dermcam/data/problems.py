@@ -9,6 +9,7 @@ PROBLEM_COLUMNS = ("file", "image_id", "kind", "action", "detail")
 
 # Every kind of problem prepare reports, and what it does about it.
 PROBLEM_ACTIONS: dict[str, str] = {
+    "encoding": "fixed",  # a CSV not in UTF-8 (nor UTF-16/32): read as Windows-1252 (or Latin-1)
     "missing_column": "fixed",  # optional column absent: filled with empty values
     "missing_image_id": "skipped",
     "unknown_dx": "skipped",  # label unknown (ISIC's UNK, "unknown") or not a plain class name
@@ -17,7 +18,7 @@ PROBLEM_ACTIONS: dict[str, str] = {
     "duplicate_image_id": "skipped",  # rows with one image_id that disagree: label is ambiguous
     "missing_lesion_id": "fixed",  # treated as a lesion of its own
     "missing_image": "skipped",
-    "unsafe_path": "skipped",  # a CSV image path that is absolute or leaves the source folder: never read
+    "unsafe_path": "skipped",  # an absolute path, ``..`` or a symlink leading outside the source: never read
     "duplicate_file": "fixed",  # identical copies in two image folders: first one used
     "conflicting_files": "skipped",  # different files with the same image_id
     "unlisted_image": "skipped",  # an image file no CSV row names (or outside every class folder)

@@ -239,7 +239,8 @@ def export_onnx(ref: str | Path | None, output: Path | None = None, *, force: bo
     name = ensemble_name(ref, root)
     if name is not None:
         return export_ensemble_onnx(name, output, force=force, root=root)
-    ckpt, state = export_source(ref, root)
+    notes: list[str] = []  # damaged checkpoints 'best' passed over
+    ckpt, state = export_source(ref, root, notes)
     out = export_target(output, default_export_name(ckpt, "float32", ".onnx"), force)
     meta = onnx_metadata(ckpt)
     model = build_with_weights(meta["backbone"], len(meta["classes"]), state, f"checkpoint {ckpt.id}")
@@ -248,7 +249,7 @@ def export_onnx(ref: str | Path | None, output: Path | None = None, *, force: bo
     data = onnx_bytes(graph, preprocessing, metadata_text(f"checkpoint {ckpt.id}", meta))
     gap = check_against_pytorch(data, graph, preprocessing)
     atomic_write_bytes(out, data)
-    return {**finish_export(ckpt, out, meta, "onnx", root=root), "check_gap": gap}
+    return {**finish_export(ckpt, out, meta, "onnx", root=root), "check_gap": gap, "warnings": notes}
 
 
 def export_ensemble_onnx(name: str, output: Path | None = None, *, force: bool = False,

@@ -51,20 +51,23 @@ def calibrate(ref: str | Path | None = None, *, dataset: str | None = None, oper
     """
     from dermcam.store.exported import is_exported_file
     from dermcam.store.manage import run_is_active
-    from dermcam.store.references import resolve
+    from dermcam.store.references import find_checkpoint
 
     spec = parse_operating_point(operating_point) if operating_point is not None else None
     if ref is not None and is_exported_file(ref):
         raise BadInputError(f"{ref} is an exported file, which is never changed; import it with "
                             "'dermcam ckpt restore FILE' and calibrate the imported checkpoint")
-    ckpt = resolve(ref, root)
+    found = find_checkpoint(ref, root)
+    ckpt = found.checkpoint
     if spec is not None:
         class_index(spec, list(ckpt.sidecar["classes"]))
     if run_is_active(ckpt.run_id, root):
         raise LockedError(f"run {ckpt.run_id} is training right now; it calibrates its best checkpoint when it "
                           "finishes")
-    return calibrate_checkpoint(ckpt, spec, dataset=dataset, vector=vector, device=device, precision=precision,
-                                batch_size=batch_size, root=root, progress=progress)
+    result = calibrate_checkpoint(ckpt, spec, dataset=dataset, vector=vector, device=device, precision=precision,
+                                  batch_size=batch_size, root=root, progress=progress)
+    result.warnings[:0] = found.warnings  # damaged checkpoints 'best' passed over
+    return result
 
 
 def calibrate_checkpoint(ckpt: Checkpoint, spec: OperatingPointSpec | None, *, dataset: str | None = None,

@@ -108,15 +108,20 @@ def greedy_select(probs: list[np.ndarray], y_true: np.ndarray, ids: list[str],
                      [s[0] for s in singles])
 
 
-def top_checkpoints(k: int, dataset: str | None = None, root: Path | None = None) -> list[Checkpoint]:
+def top_checkpoints(k: int, dataset: str | None = None, root: Path | None = None,
+                    notes: list[str] | None = None) -> list[Checkpoint]:
     """The best checkpoint of each of the ``k`` best runs (by their monitored metric) on ``dataset``
-    (default: the data set of the best checkpoint in the store), among runs of the same classes."""
+    (default: the data set of the best checkpoint in the store), among runs of the same classes.
+    ``notes`` gets one line per damaged checkpoint or run left out of the ranking."""
     from dermcam.store.checkpoint import best_of, rank_key
-    from dermcam.store.runs import list_checkpoints
+    from dermcam.store.references import skipped_line
+    from dermcam.store.runs import scan_checkpoints
 
     if k < 1:
         raise BadInputError("--top must be 1 or more")
-    everything = list_checkpoints(root)
+    everything, damaged = scan_checkpoints(root)
+    if notes is not None:
+        notes.extend(skipped_line(d) for d in damaged)
     if dataset is not None:
         everything = [c for c in everything if (c.sidecar.get("dataset") or {}).get("name") == dataset]
     overall = best_of(everything)
@@ -235,7 +240,7 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
     from dermcam.store.ensembles import check_members, check_new_name, new_manifest, save_ensemble
     from dermcam.store.files import utc_now
     from dermcam.store.inference import load_ensemble
-    from dermcam.store.references import resolve
+    from dermcam.store.references import find_checkpoint
 
     check_new_name(name, root)  # every option is checked before any model is loaded
     if select not in SELECTIONS:
@@ -245,7 +250,13 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
     if weights is not None and select == "greedy":
         raise BadInputError("--weights and --select greedy both set the weights; give one")
     spec = parse_operating_point(operating_point) if operating_point else None
-    ckpts = [resolve(r, root) for r in refs] if refs else top_checkpoints(int(top or 0), dataset, root)
+    warnings: list[str] = []  # damaged checkpoints passed over in choosing the members
+    if refs:
+        found = [find_checkpoint(r, root) for r in refs]
+        ckpts = [f.checkpoint for f in found]
+        warnings += list(dict.fromkeys(w for f in found for w in f.warnings))
+    else:
+        ckpts = top_checkpoints(int(top or 0), dataset, root, warnings)
     check_members(ckpts)
     if weights is not None and len(weights) != len(ckpts):
         raise BadInputError(f"--weights needs {len(ckpts)} numbers, one per member (got {len(weights)})")
@@ -286,7 +297,6 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
             ensemble.manifest["operating_point"] = point
         ensemble.manifest["selection"]["val_metrics"] = {k: val_metrics[k] for k in SUMMARY if k in val_metrics}
     ensemble = save_ensemble(ensemble, replace=replace, root=root)
-    warnings = []
     if point is not None and not point["validation"]["reached"]:
         warnings.append(f"operating point {spec}: no threshold reaches the target on validation")
     return EnsembleResult(name, ensemble.path, ensemble.manifest["members"], selection, val_metrics, point, warnings)

@@ -155,13 +155,14 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError("--batch-size must be a whole number of 1 or more")
-    model, sidecar = load_for_inference(ref, root, calibrated=calibrated)
+    notes: list[str] = []  # damaged checkpoints 'best' passed over; a --compile that fell back to eager
+    model, sidecar = load_for_inference(ref, root, calibrated=calibrated, notes=notes)
+    skipped = len(notes)  # shown first: they say which checkpoint answers
     classes = list(sidecar["classes"])
     scored_set = scored_split(sidecar, dataset, split, root)
     data, y_true, groups = scored_set.data, scored_set.y_true, scored_set.groups
     dev = select_device(device)
     model.to(dev)
-    notes: list[str] = []  # a --compile that fell back to eager says so
     # An ensemble's members calibrate inside it: one pass gives its reported and its raw view (WithRaw).
     # A checkpoint's raw softmax is what predict returns, and model_outputs calibrates it.
     inside = sidecar.get("kind") == "ensemble" and calibrated
@@ -188,7 +189,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     subgroups = subgroup_metrics(y_true, probs, scored_set.index, groups, classes, scored=scored,
                                  resamples=resamples, seed=seed)
     result = EvalResult(sidecar["id"], data.name, split, metrics, classes, out_dir, [],
-                        scored_set.warnings + notes,
+                        notes[:skipped] + scored_set.warnings + notes[skipped:],
                         scored_set.trained_on, [classes[i] for i in scored_set.shared], scored_set.left_out,
                         subgroups)
     if out_dir is not None:

@@ -8,6 +8,7 @@ accuracy is kept only for comparison.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,12 +75,19 @@ def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]
 def cross_entropy(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Mean negative log-likelihood (the val loss, without label smoothing)."""
     picked = np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)
-    return float(-np.log(picked).mean())
+    # + 0.0: when every picked probability is 1.0, -log(1) is -0.0, which JSON and reports would show as "-0"
+    return float(-np.log(picked).mean()) + 0.0
 
 
-def format_value(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def format_value(value: Any, digits: int = 3) -> str:
+    """A number as the terminal and report.html show it: ``0.781``; whole numbers as they are; ``-`` for
+    a missing or undefined (NaN, infinite) value. Never ``-0.000``: a tiny negative value (rounding noise
+    such as -1e-7, or -0.0) reads as a real negative score, so what rounds to zero prints unsigned."""
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return "-" if value is None else str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if not math.isfinite(value):
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    text = f"{float(value):.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text

@@ -89,6 +89,7 @@ class ExplainReport:
     failures: list[ExplainFailure] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # what was applied: method, temperature (None: raw)
     operating_point: dict[str, Any] | None = None  # class, metric, target, threshold
+    warnings: list[str] = field(default_factory=list)  # damaged checkpoints 'best' passed over, one line each
 
     @property
     def exit_code(self) -> ExitCode:
@@ -107,7 +108,7 @@ class ExplainReport:
                 "layer": self.layer, "tta": self.tta, "calibration": self.calibration,
                 "operating_point": self.operating_point, "out_dir": str(self.out_dir),
                 "images": [r.to_dict() for r in self.rows()],
-                "ok": len(self.results), "failed": len(self.failures)}
+                "ok": len(self.results), "failed": len(self.failures), "warnings": self.warnings}
 
 
 def collect_images(paths: Iterable[Path],
@@ -304,7 +305,8 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
         raise BadInputError("--batch-size must be a whole number of 1 or more")
 
     images, failures = collect_images([Path(p) for p in paths], recursive)
-    model, sidecar = load_for_inference(checkpoint, calibrated=calibrated)  # imports torch (start-up, see docstring)
+    notes: list[str] = []
+    model, sidecar = load_for_inference(checkpoint, calibrated=calibrated, notes=notes)  # imports torch (start-up)
     from dermcam.models.device import select_device
 
     model.to(select_device(device))  # before any image is read
@@ -324,7 +326,7 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
                            out_dir=Path(out_dir), failures=failures,
                            inputs=[f.image for f in failures] + [p for p, _ in images],
                            calibration=_applied(sidecar, calibrated),
-                           operating_point=_operating_point(sidecar, calibrated))
+                           operating_point=_operating_point(sidecar, calibrated), warnings=notes)
     reshape_transform = reshape_transform_for(model) if cam and member_layers is None else None
     progress = progress or Progress()
     progress.start("explain", total=len(images))

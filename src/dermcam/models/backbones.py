@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     import torch
 
 
+def check_backbone(backbone: str) -> None:
+    """Refuse a name timm does not know, suggesting close ones: what training checks of every
+    configuration before its first run, so a grid's typo does not surface after the other runs trained."""
+    timm = import_timm()
+    architecture = backbone.split(".", 1)[0]
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for names"
+        raise BadInputError(f"unknown backbone '{backbone}'{hint}")
+
+
 def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
     """The timm network ``backbone`` with a ``num_classes`` head and random weights.
 
@@ -23,11 +34,7 @@ def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
     timm = import_timm()
     if num_classes < 1:
         raise BadInputError(f"num_classes must be at least 1, got {num_classes}")
-    architecture = backbone.split(".", 1)[0]
-    if not timm.is_model(architecture):
-        close = difflib.get_close_matches(architecture, timm.list_models(), n=4, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for names"
-        raise BadInputError(f"unknown backbone '{backbone}'{hint}")
+    check_backbone(backbone)
     try:
         return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
     except RuntimeError as exc:  # e.g. an unknown pretrained tag after the dot

@@ -13,7 +13,9 @@
    std 0.5), the preprocessing timm records for them;
 
 and otherwise fails with one line saying what to do. Nothing is ever unpickled: ``.safetensors`` files
-are read with safetensors, anything else with ``torch.load(weights_only=True)``.
+are read with safetensors, ``torch.save`` files with ``torch.load(weights_only=True)``, and any other
+kind of file (a bare pickle, an ONNX model, a web page: :func:`dermcam.filekind.sniff`) is refused,
+named, before a loader sees it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from dermcam.errors import BadInputError, CorruptError, NotFoundError, first_line
+from dermcam.filekind import check_kind
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +73,14 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise NotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    # The loader follows the content (the name only when the content is not recognised), and only
+    # what is recognisably torch.save's own format ever reaches its (restricted) unpickler.
+    expected = "a weights file (a .safetensors file or a PyTorch state dict, .pth or .bin)"
+    kind = check_kind(path, ("safetensors", "torch", "empty"), expected)
+    code = kind.code if kind is not None and kind.code != "empty" else None
+    if code is None and path.suffix != ".safetensors":
+        raise BadInputError(f"{path} is not {expected}")
+    if code in (None, "safetensors"):
         from safetensors.torch import load_file
 
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dermcam.checks import check_output_dir
 from dermcam.errors import BadInputError, DermcamError, NotFoundError
 from dermcam.progress import Progress
 from dermcam.report.sections import FIGURE_FILES, ReportInputs, render
@@ -109,24 +110,25 @@ def report(ref: str | Path | None = None, *, dataset: str | None = None, split: 
     from dermcam.store.ensembles import ensemble_name, manifest_path
     from dermcam.store.exported import is_exported_file
     from dermcam.store.inference import load_for_inference
-    from dermcam.store.references import resolve
+    from dermcam.store.references import find_checkpoint
     from dermcam.store.runs import read_metrics, read_run
 
     ensemble = ensemble_name(ref, root)
-    ckpt = None if ensemble is not None or (ref is not None and is_exported_file(ref)) else resolve(ref, root)
+    found = None if ensemble is not None or (ref is not None and is_exported_file(ref)) else find_checkpoint(ref, root)
+    ckpt = found.checkpoint if found else None
     model, sidecar = load_for_inference(ckpt.sidecar_path if ckpt else ref, root)
     name = dataset or (sidecar.get("dataset") or {}).get("name")
     if out_dir is None:
         own = ckpt is not None and split == "test" and name == (sidecar.get("dataset") or {}).get("name")
         out_dir = ckpt.run_dir / "report" if own and read_run(ckpt.run_dir).get("best") == ckpt.id else DEFAULT_OUT
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "--out")  # the default too: ./dermcam-report may be a file
     sources = [ckpt.sidecar_path if ckpt else manifest_path(ensemble, root) if ensemble else Path(str(ref))]
     evaluated = reevaluate or not _is_current(out_dir, sidecar, name, split, sources, root)
-    warnings: list[str] = []
+    warnings = found.warnings if found else []  # damaged checkpoints 'best' passed over
     if evaluated:
         result = evaluate(ckpt.sidecar_path if ckpt else ref, split=split, dataset=dataset, device=device,
                           out_dir=out_dir, root=root, progress=progress)
-        warnings, name = result.warnings, result.dataset
+        warnings, name = warnings + result.warnings, result.dataset
     history = read_metrics(ckpt.run_dir) if ckpt else []
     if history:
         plot_curves(history, out_dir / "curves.png", title=f"run {ckpt.run_id}")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Iterable, Sequence
+
+from dermcam.evaluate.metrics import format_value
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -83,19 +84,16 @@ def tag(name: str, *content: object, **attributes: object) -> Markup:
 
 
 def number(value: object, digits: int = 3) -> str:
-    """``0.781``; ``-`` for a missing or undefined value; whole numbers as they are."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+    """``0.781``; ``-`` for a missing or undefined value; whole numbers as they are; never ``-0.000``.
+    The terminal's format (:func:`dermcam.evaluate.metrics.format_value`), so page and CLI agree."""
+    return format_value(value, digits)
 
 
 def with_ci(value: object, interval: Sequence[float] | None) -> Markup:
     """``0.781 (0.752-0.809)``: the value and, when there is one, its 95% interval."""
     if not interval or value is None:
         return esc(number(value))
-    return join([number(value), tag("span", f"({interval[0]:.3f}-{interval[1]:.3f})", class_="ci")], " ")
+    return join([number(value), tag("span", f"({number(interval[0])}-{number(interval[1])})", class_="ci")], " ")
 
 
 def data_uri(png: bytes) -> str:

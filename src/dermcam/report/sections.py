@@ -104,7 +104,7 @@ def summary(inputs: ReportInputs) -> Section:
 
 def _headline(name: str, value: object, interval: list[float] | None) -> Markup:
     """One box of the summary: the value large, its interval under it, then what it is."""
-    span = tag("span", f"95% CI {interval[0]:.3f}-{interval[1]:.3f}" if interval else "", class_="ci")
+    span = tag("span", f"95% CI {number(interval[0])}-{number(interval[1])}" if interval else "", class_="ci")
     return tag("div", tag("b", number(value)), span, tag("span", name))
 
 

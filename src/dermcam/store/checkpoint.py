@@ -21,6 +21,7 @@ stored where it lies (its run folder, its epoch's file names): a sidecar that fa
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermcam import __version__
-from dermcam.errors import CorruptError, NotFoundError
+from dermcam.errors import CorruptError, DermcamError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.files import atomic_write_json, read_json, utc_now
 from dermcam.store.locks import store_lock
 from dermcam.store.paths import contained
-from dermcam.store.tensors import load_tensors, save_tensors, split_state, state_outline
+from dermcam.store.tensors import check_tensors, load_tensors, save_tensors, split_state, state_outline, tensor_header
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.json$")
 # The JSON part of the training state, as the trainer writes it (test and older states may omit keys).
 TRAINING_STATE = s.obj(optional={
     "epoch": s.EPOCH, "step": s.integer(), "bad_epochs": s.integer(), "stopped": s.boolean,
-    "best": s.nullable(s.obj({"epoch": s.EPOCH, "value": s.number(), "id": s.ID})),
+    "best": s.nullable(s.obj({"epoch": s.EPOCH, "value": s.number(), "id": s.CHECKPOINT_ID})),
 })
 
 SIDECAR = s.all_of(s.obj({
@@ -232,13 +233,58 @@ def read_json_document(path: Path, check: s.Check, what: str) -> Any:
 
 
 def read_checkpoint(sidecar_path: Path) -> Checkpoint:
-    """Parse and validate a sidecar; CorruptError when it is not a complete checkpoint stored where it lies."""
+    """Parse and validate a sidecar; CorruptError when it is not a usable checkpoint stored where it lies
+    (:func:`check_usable`)."""
     sidecar_path = Path(sidecar_path)
     ckpt = Checkpoint(sidecar_path, read_json_document(sidecar_path, SIDECAR, "sidecar"))
-    _check_location(ckpt)
-    if not ckpt.weights_path.is_file():
-        raise CorruptError(f"{sidecar_path}: its weights file {ckpt.weights_path.name} is missing")
+    check_usable(ckpt)
     return ckpt
+
+
+def check_usable(ckpt: Checkpoint) -> None:
+    """The one test of "this checkpoint can answer": everything short of hashing its weights.
+
+    Its sidecar names its own folder and epoch; its weights file is there, of the size the sidecar
+    records, and holds exactly the sidecar's backbone with one output per class (names, shapes and
+    dtypes from the safetensors header; no tensor is read). Every command reads a checkpoint through
+    :func:`read_checkpoint`, so ``ckpt list``/``prune``/``verify``, ``best``/``latest`` and the loaders of
+    evaluate, explain, export and ensembles agree on what is damaged: a sidecar whose backbone this timm
+    does not know, or whose classes do not fit its weights, is damaged everywhere, not only once a model
+    is built (verify adds the hashes, which loading checks too).
+    """
+    _check_location(ckpt)
+    weights = ckpt.weights_path
+    if not weights.is_file():
+        raise CorruptError(f"{ckpt.sidecar_path}: its weights file {weights.name} is missing")
+    size = ckpt.sidecar["weights"].get("size")
+    if size is not None and weights.stat().st_size != size:
+        raise CorruptError(f"{ckpt.sidecar_path}: its weights file {weights.name} has {weights.stat().st_size} "
+                           f"bytes, the sidecar says {size} (damaged or modified)")
+    backbone, classes = ckpt.sidecar["backbone"], ckpt.sidecar["classes"]
+    try:
+        expected = backbone_tensors(backbone, len(classes))
+    except DermcamError as exc:
+        raise CorruptError(f"{ckpt.sidecar_path}: {exc} (damaged or modified, or written with another timm "
+                           "version)") from None
+    try:
+        check_tensors(weights, tensor_header(weights), expected, backbone)
+    except CorruptError as exc:
+        raise CorruptError(f"{ckpt.sidecar_path}: its weights are not backbone {backbone} with {len(classes)} "
+                           f"classes ({exc})") from None
+
+
+@functools.lru_cache(maxsize=16)
+def backbone_tensors(backbone: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The state dict of ``backbone`` with ``num_classes`` outputs as meta tensors (names, shapes and
+    dtypes, no memory), once per process per backbone. An unknown name is
+    :func:`dermcam.models.backbones.build_model`'s BadInputError.
+
+    Built on the CPU and moved, not built under ``torch.device("meta")``: that context imports
+    ``torch._dynamo`` (3 s on the 2-core VM, what :mod:`dermcam.models.timm_import` defers), while a
+    CPU build of efficientnet_lite0 takes 0.1 s."""
+    from dermcam.models.backbones import build_model
+
+    return {k: v.to("meta") for k, v in build_model(backbone, num_classes).state_dict().items()}
 
 
 def _check_location(ckpt: Checkpoint) -> None:

@@ -13,7 +13,6 @@ The scoring side (combining the members, choosing them on validation) is in
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,8 @@ DEFAULT_CACHE_SIZE = (256, 192)  # dermcam.data.geometry's: members saved before
 
 # A member is named by its store id, RUN:EPOCH, never by a path: a manifest must not lead a command
 # to read a checkpoint outside the store.
-MEMBER_ID = s.text(re.compile(PLAIN_NAME.pattern + r":[0-9]{1,6}"), why="is not a checkpoint id (RUN:EPOCH)")
-
 MEMBER = s.obj({
-    "id": MEMBER_ID,
+    "id": s.CHECKPOINT_ID,
     "sha256": s.SHA256,
     "backbone": s.BACKBONE,
     "preprocessing": s.PREPROCESSING,
@@ -275,9 +272,10 @@ def members_in_use(root: Path | None = None) -> dict[str, list[str]]:
 
 
 def member_checkpoints(ensemble: Ensemble, root: Path | None = None) -> list[Checkpoint]:
-    """The member checkpoints as they are now, each checked against the manifest: a deleted member is
-    NotFoundError, one whose weights were replaced is CorruptError (the weights' own hash is checked
-    when they are loaded)."""
+    """The member checkpoints as they are now, each checked against the manifest (:func:`check_member`):
+    a deleted member is NotFoundError; a damaged one, or one that is not what the manifest recorded,
+    is CorruptError (the weights' own hash is checked when they are loaded). The one check of "this
+    ensemble can answer": loading, ``ensemble list``/``show`` and ``ckpt verify`` all call it."""
     from dermcam.store.references import resolve
 
     found = []
@@ -288,11 +286,43 @@ def member_checkpoints(ensemble: Ensemble, root: Path | None = None) -> list[Che
             raise NotFoundError(f"ensemble '{ensemble.name}': member {member['id']} no longer exists "
                                 f"(deleted or pruned); remove the ensemble with: dermcam ensemble rm "
                                 f"{ensemble.name}") from None
-        if ckpt.id != member["id"] or ckpt.sidecar["weights"]["sha256"] != member["sha256"]:
-            raise CorruptError(f"ensemble '{ensemble.name}': member {member['id']} is not the checkpoint it "
-                               "was made with (its weights' sha256 differs)")
+        except CorruptError as exc:
+            raise CorruptError(f"ensemble '{ensemble.name}': member {member['id']} is damaged: {exc}") from None
+        check_member(ensemble, member, ckpt)
         found.append(ckpt)
     return found
+
+
+def check_member(ensemble: Ensemble, member: dict[str, Any], ckpt: Checkpoint) -> None:
+    """A member checkpoint is the one the manifest recorded: the same weights, backbone and classes (in
+    the same order: the ensemble averages probabilities class by class, so a member answering in
+    another order would silently average one class's probability into another's)."""
+    problem = None
+    if ckpt.id != member["id"] or ckpt.sidecar["weights"]["sha256"] != member["sha256"]:
+        problem = "is not the checkpoint it was made with (its weights' sha256 differs)"
+    elif ckpt.sidecar["backbone"] != member["backbone"]:
+        problem = f"has backbone {ckpt.sidecar['backbone']}, the manifest says {member['backbone']}"
+    elif list(ckpt.sidecar["classes"]) != list(ensemble.manifest["classes"]):
+        problem = (f"has classes {', '.join(ckpt.sidecar['classes'])}, the manifest says "
+                   f"{', '.join(ensemble.manifest['classes'])}")
+    if problem:
+        raise CorruptError(f"ensemble '{ensemble.name}' ({ensemble.path}): member {member['id']} {problem} "
+                           "(damaged or modified)")
+
+
+def unusable_ensembles(root: Path | None = None) -> list[DamagedEnsemble]:
+    """Every ensemble that cannot answer because something is damaged: its manifest, or a member
+    (:func:`member_checkpoints`). A member deleted on purpose (``prune --force``) is not damage:
+    ``ensemble list`` says the ensemble no longer loads."""
+    found, damaged = scan_ensembles(root)
+    for ensemble in found:
+        try:
+            member_checkpoints(ensemble, root)
+        except CorruptError as exc:
+            damaged.append(DamagedEnsemble(ensemble.path, str(exc)))
+        except NotFoundError:
+            pass
+    return damaged
 
 
 def scoring_document(ensemble: Ensemble) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dermcam.checks import check_output_file
 from dermcam.errors import BadInputError, DermcamError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.checkpoint import Checkpoint, save_checkpoint, versions
@@ -54,7 +55,7 @@ from dermcam.store.exported import (
 )
 from dermcam.store.files import atomic_write_json, read_json, sha256_file, utc_now
 from dermcam.store.locks import store_lock
-from dermcam.store.references import resolve
+from dermcam.store.references import find_checkpoint, resolve
 from dermcam.store.runs import create_run, list_checkpoints, new_run_id, update_run
 from dermcam.store.tensors import save_tensors
 
@@ -114,12 +115,16 @@ def default_ensemble_name(ensemble: Ensemble, dtype: str, suffix: str = ".safete
     return f"dermcam-ensemble-{ensemble.name}{_PRECISION_SUFFIX[dtype]}{suffix}"
 
 
-def export_source(ref: str | Path | None, root: Path | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+def export_source(ref: str | Path | None, root: Path | None = None,
+                  notes: list[str] | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
     """The checkpoint to export and its weights, checked against their sidecar hash first: a damaged
-    checkpoint is never exported (in any format)."""
+    checkpoint is never exported (in any format). ``notes`` gets one line per damaged checkpoint that
+    ``best``/``latest``/a run id passed over (the result's ``warnings``)."""
     with store_lock("store", shared=True, root=root):
-        ckpt = resolve(ref, root)
-        return ckpt, ckpt.load_weights(verify=True)
+        found = find_checkpoint(ref, root)
+        if notes is not None:
+            notes.extend(found.warnings)
+        return found.checkpoint, found.checkpoint.load_weights(verify=True)
 
 
 def export_target(output: Path | None, default_name: str, force: bool) -> Path:
@@ -128,6 +133,7 @@ def export_target(output: Path | None, default_name: str, force: bool) -> Path:
     out = Path(output) if output is not None else Path.cwd() / default_name
     if out.is_dir():
         out = out / default_name
+    check_output_file(out, "--output")  # a folder, or a path under a file: refused before anything is written
     if out.exists() and not force:
         raise BadInputError(f"{out} already exists; choose another -o or pass --force to replace it")
     return out
@@ -169,14 +175,15 @@ def export_checkpoint(ref: str | Path | None, output: Path | None = None, *, dty
     name = ensemble_name(ref, root)
     if name is not None:
         return export_ensemble(name, output, dtype=dtype, force=force, root=root)
-    ckpt, state = export_source(ref, root)
+    notes: list[str] = []
+    ckpt, state = export_source(ref, root, notes)
     out = export_target(output, default_export_name(ckpt, dtype), force)
     tensors = cast_tensors(state, dtype)
     meta = export_metadata(ckpt, tensors, dtype)
     text = metadata_text(f"checkpoint {ckpt.id}", meta)
     file_sha = save_tensors(out, tensors, metadata={"format": "pt", METADATA_KEY: text})
     out.chmod(0o644)  # the temporary file was private (0600); an export is meant to be shared
-    return finish_export(ckpt, out, meta, "safetensors", file_sha=file_sha, root=root)
+    return {**finish_export(ckpt, out, meta, "safetensors", file_sha=file_sha, root=root), "warnings": notes}
 
 
 def ensemble_source(name: str,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dermcam.errors import BadInputError, CorruptError, DermcamError, NotFoundError, first_line
+from dermcam.filekind import check_kind
 from dermcam.store import schema as s
 from dermcam.store.ensemble_exchange import (
     ENSEMBLE_EXPORT_META,
@@ -31,6 +32,7 @@ from dermcam.store.ensemble_exchange import (
     split_members,
 )
 from dermcam.store.files import sha256_file
+from dermcam.store.tensors import check_tensors as _check_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +55,6 @@ MAX_METADATA_BYTES = 1 << 20
 
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-_FLOAT_CODES = set(DTYPES.values())
 
 
 # The document in an exported file's header; shared parts (preprocessing, classes, ...) are a sidecar's.
@@ -121,6 +120,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"no such file: {path}")
+    # a file that is plainly something else (an ONNX model, a pickle, a web page) is named as such,
+    # not reported as a header-size figure
+    check_kind(path, ("safetensors", "empty"),
+               "a dermcam export; dermcam reads .safetensors exports (written by 'dermcam ckpt export')")
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -217,37 +220,6 @@ def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
                             f"{' and '.join(_FILE_SCHEMAS)})")
     s.validate(meta, check, f"{path}: metadata")
     return meta
-
-
-def _check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str,
-                   prefix: str = "") -> None:
-    """The file's tensor names, shapes and dtypes must be exactly those of ``backbone``'s state dict.
-    ``header``: the entries of one model, names without ``prefix`` (an ensemble member's; messages
-    name the tensors as they are in the file)."""
-    names, wanted = set(header), set(expected)
-    if names != wanted:
-        missing, extra = sorted(wanted - names), sorted(names - wanted)
-        detail = (f"missing {[prefix + n for n in missing[:3]]}" if missing else "") + \
-                 (" " if missing and extra else "") + (f"unexpected {[prefix + n for n in extra[:3]]}" if extra else "")
-        raise CorruptError(f"{path}: tensors {prefix + '*' + ' ' if prefix else ''}do not match backbone "
-                           f"{backbone} ({detail})")
-    for name, ref in expected.items():
-        entry = header[name]
-        if not isinstance(entry, dict) or entry.get("shape") != list(ref.shape):
-            shape = entry.get("shape") if isinstance(entry, dict) else None
-            raise CorruptError(f"{path}: tensor {prefix}{name} has shape {shape}, backbone {backbone} needs "
-                               f"{list(ref.shape)}")
-        code = entry.get("dtype")
-        ok = code in _FLOAT_CODES if ref.is_floating_point() else code == _safetensors_code(ref)
-        if not ok:
-            raise CorruptError(f"{path}: tensor {prefix}{name} has dtype {code}, which backbone {backbone} "
-                               "cannot use")
-
-
-def _safetensors_code(tensor: torch.Tensor) -> str:
-    import torch
-
-    return {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(tensor.dtype, "?")
 
 
 def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from dermcam.store.checkpoint import Checkpoint
 from dermcam.store.ensembles import Ensemble
-from dermcam.store.references import resolve
+from dermcam.store.references import find_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -21,14 +21,17 @@ def model_from_checkpoint(ckpt: Checkpoint, verify: bool = True) -> torch.nn.Mod
                               f"checkpoint {ckpt.id}")
 
 
-def load_for_inference(ref: str | Path | None = None, root: Path | None = None, *,
-                       calibrated: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_for_inference(ref: str | Path | None = None, root: Path | None = None, *, calibrated: bool = True,
+                       notes: list[str] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, sidecar) for a store checkpoint, an ensemble or a self-contained exported file.
 
     torch and timm are imported first, through :func:`dermcam.models.timm_import.import_timm`: this is
     where evaluate and explain first need them, and that import is most of their start-up.
     For an ensemble the sidecar is :func:`dermcam.store.ensembles.scoring_document` and ``calibrated``
     says whether its members apply their calibrations (``--no-calibration``: the mean of raw softmaxes).
+    ``notes`` gets one line per damaged checkpoint that ``best``/``latest``/a run id passed over
+    (:class:`dermcam.store.references.Resolution`), for the command to show: a damaged candidate is
+    never skipped in silence.
     """
     from dermcam.models.timm_import import import_timm
     from dermcam.store.ensembles import ensemble_name, read_ensemble
@@ -41,8 +44,10 @@ def load_for_inference(ref: str | Path | None = None, root: Path | None = None, 
         from dermcam.store.exported import load_exported
 
         return load_exported(Path(str(ref)), calibrated=calibrated)
-    ckpt = resolve(ref, root)
-    return model_from_checkpoint(ckpt), ckpt.sidecar
+    found = find_checkpoint(ref, root)
+    if notes is not None:
+        notes.extend(found.warnings)
+    return model_from_checkpoint(found.checkpoint), found.checkpoint.sidecar
 
 
 def load_ensemble(ensemble: Ensemble, root: Path | None = None, *,

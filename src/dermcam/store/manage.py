@@ -23,7 +23,7 @@ from dermcam.store.exchange import import_exported
 from dermcam.store.exported import is_exported_file
 from dermcam.store.files import TMP_SUFFIX, recently_written, sha256_file
 from dermcam.store.locks import is_locked, store_lock
-from dermcam.store.references import resolve
+from dermcam.store.references import find_checkpoint
 from dermcam.store.runs import (
     creation_leftover,
     find_run,
@@ -303,6 +303,12 @@ def _damaged_ensembles(root: Path | None) -> list[Any]:
     return scan_ensembles(root)[1]
 
 
+def _unusable_ensembles(root: Path | None) -> list[Any]:
+    from dermcam.store.ensembles import unusable_ensembles
+
+    return unusable_ensembles(root)
+
+
 def _ensemble_members(force: bool, root: Path | None) -> dict[str, list[str]]:
     """Checkpoint id -> ensembles naming it; a damaged manifest stops a prune that is not forced."""
     from dermcam.store.ensembles import members_in_use
@@ -352,7 +358,7 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
     with store_lock("store", shared=not clean, root=root):
         folders, outside = run_folders(root)
         report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in outside]
-        report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in _damaged_ensembles(root)]
+        report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in _unusable_ensembles(root)]
         leftovers = [run for run in folders if creation_leftover(run)]
         scans = {run: scan_run(run) for run in folders if run not in leftovers}
         report["checked"] = sum(len(found) + len(bad) for found, bad in scans.values())
@@ -421,8 +427,10 @@ def restore(ref: str | Path, *, name: str | None = None, root: Path | None = Non
 
 
 def rollback_plan(ref: str | Path, root: Path | None = None) -> dict[str, Any]:
-    """What :func:`rollback` would do: the checkpoint, its run's current pointer, later checkpoints."""
-    ckpt = resolve(ref, root)
+    """What :func:`rollback` would do: the checkpoint, its run's current pointer, later checkpoints, and
+    the damaged checkpoints ``best``/``latest``/a run id passed over (``warnings``)."""
+    found = find_checkpoint(ref, root)
+    ckpt = found.checkpoint
     if ckpt.state_path is None:
         how = "it was imported from an exported file" if ckpt.sidecar.get("imported") else "it has no training state"
         raise BadInputError(f"checkpoint {ckpt.id} cannot be resumed from ({how}); use it with explain or "
@@ -430,7 +438,7 @@ def rollback_plan(ref: str | Path, root: Path | None = None) -> dict[str, Any]:
     current = resume_point(ckpt.run_dir)
     later = [c.id for c in run_checkpoints(ckpt.run_dir) if c.epoch > ckpt.epoch]
     return {"action": "rollback", "id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
-            "previous": current.id if current else None, "later": later}
+            "previous": current.id if current else None, "later": later, "warnings": found.warnings}
 
 
 def rollback(ref: str | Path, *, root: Path | None = None) -> dict[str, Any]:

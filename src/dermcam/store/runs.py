@@ -26,8 +26,9 @@ RUN = s.obj({
     "status": s.text(min_len=1, max_len=32),
     "config": s.CONFIG,
 }, optional={
-    "resume_from": s.nullable(s.ID),
-    "best": s.nullable(s.ID),
+    # checkpoints of this run (read_run checks the run part): a pointer is a name, never a path
+    "resume_from": s.nullable(s.CHECKPOINT_ID),
+    "best": s.nullable(s.CHECKPOINT_ID),
     "imported": s.obj(),
     "test_metrics": s.nullable(s.obj()),
     "stopped_early": s.boolean,
@@ -113,32 +114,52 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     """``run.json``, validated; it must name the folder it is in (a copy elsewhere is not that run)."""
     run_dir = Path(run_dir)
     data = read_json_document(run_dir / "run.json", RUN, "run.json")
-    if data["run_id"] != run_dir.name:
-        raise CorruptError(f"{run_dir}/run.json belongs to run {data['run_id']}, not {run_dir.name} "
-                           "(damaged or modified)")
+    _check_own(data, run_dir)
     return data
 
 
+def _check_own(data: dict[str, Any], run_dir: Path) -> None:
+    """A run.json names its own folder, and its checkpoint pointers name its own checkpoints: a
+    ``resume_from`` of another run would make ``train --resume`` continue someone else's training."""
+    if data["run_id"] != run_dir.name:
+        raise CorruptError(f"{run_dir}/run.json belongs to run {data['run_id']}, not {run_dir.name} "
+                           "(damaged or modified)")
+    for key in ("resume_from", "best"):
+        pointer = data.get(key)
+        if pointer is not None and pointer.rpartition(":")[0] != run_dir.name:
+            raise CorruptError(f"{run_dir}/run.json: field '{key}' names checkpoint {pointer} of another run "
+                               "(damaged or modified)")
+
+
 def update_run(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    data = read_run(run_dir)
-    data.update(fields)
-    atomic_write_json(Path(run_dir) / "run.json", data)
+    """Change fields of ``run.json``; the result is validated like a read one before it is written."""
+    run_dir = Path(run_dir)
+    data = {**read_run(run_dir), **fields}
+    s.validate(data, RUN, f"{run_dir / 'run.json'}: updated run.json")
+    _check_own(data, run_dir)
+    atomic_write_json(run_dir / "run.json", data)
     return data
 
 
 def find_run(run: str, root: Path | None = None) -> Path:
-    """A run by id or unique id prefix (a name: ``--run ../x`` is refused, never followed)."""
+    """A run by id or unique id prefix (a name: ``--run ../x`` is refused, never followed).
+
+    A run whose ``run.json`` is damaged is found like any other (by id or prefix), never taken for
+    "no such run": the caller reads it (:func:`read_run`) and reports the damage, or lists it.
+    """
     base = runs_dir(root)
     exact = contained(base, run, "run id", BadInputError)
     if (exact / "run.json").is_file():
         return exact
-    matches = [p for p in list_runs(root) if p.name.startswith(run)]
+    runs, damaged = scan_runs(root)
+    runs += [d.path.parent for d in damaged if d.path.name == "run.json"]  # not the folders leading outside
+    matches = [p for p in runs if p.name.startswith(run)]
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        known = ", ".join(p.name for p in list_runs(root)) or "none yet"
+        known = ", ".join(p.name for p in runs) or "none yet"
         raise NotFoundError(f"no run '{run}' in {base} (runs: {known})")
-    raise BadInputError(f"run prefix '{run}' is ambiguous: {', '.join(p.name for p in matches)}")
+    raise BadInputError(f"run prefix '{run}' is ambiguous: {', '.join(sorted(p.name for p in matches))}")
 
 
 def is_imported(run_dir: Path) -> bool:

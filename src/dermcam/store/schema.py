@@ -170,8 +170,17 @@ SHA256 = text(re.compile(r"[0-9a-f]{64}"), why="is not a sha256 (64 hex digits)"
 EPOCH = integer(0, 999_999)
 TIMESTAMP = text(max_len=64)
 ID = text(min_len=1, max_len=200)
+# A stored checkpoint's id, RUN:EPOCH: what a document may use to name another checkpoint (an ensemble's
+# member, a run's resume point). Never a path, so no document can lead a command outside the store.
+CHECKPOINT_ID_PATTERN = re.compile(PLAIN_NAME.pattern + r":[0-9]{1,6}")
+CHECKPOINT_ID = text(CHECKPOINT_ID_PATTERN, why="is not a checkpoint id (RUN:EPOCH)")
 BACKBONE = text(re.compile(r"[A-Za-z0-9_.\-]{1,100}"), why="is not a model name")
-CLASSES = array(text(min_len=1, max_len=100), min_len=2, max_len=1000, unique=True)
+# What dermcam.data.classes.is_plain_name accepts (the store may not import data, which imports it):
+# every class a prepared set can have. Class names become file names, CSV columns and table headers,
+# so one that is not such a name (a path, a newline, a blank) is damage, not a class.
+CLASS_NAME_PATTERN = re.compile(r"[\w+-]{1,40}")
+CLASS_NAME = text(CLASS_NAME_PATTERN, why="is not a class name (1-40 letters, digits, _ + -)")
+CLASSES = array(CLASS_NAME, min_len=2, max_len=1000, unique=True)
 LABEL_ENCODING = satisfies(lambda v: isinstance(v, (dict, list, str, type(None))),
                            "is not a JSON object, list or string")
 
@@ -230,7 +239,7 @@ CALIBRATION = all_of(obj({
 }), _vector_parts)
 
 OPERATING_POINT = obj({
-    "class": text(min_len=1, max_len=100),
+    "class": CLASS_NAME,
     "metric": one_of("sensitivity", "specificity"),
     "target": _OPEN_UNIT,
     "threshold": _UNIT,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dermcam.errors import CorruptError, NotFoundError
+from dermcam.errors import CorruptError, NotFoundError, first_line
 from dermcam.store.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -37,6 +37,55 @@ def load_tensors(path: Path, expected_sha256: str | None = None) -> dict[str, to
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CorruptError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def tensor_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Name -> ``{"shape": [...], "dtype": "F32"}`` of every tensor in a safetensors file, from its header
+    alone (no tensor is read, torch is not imported); CorruptError when the file is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return {name: {"shape": list(handle.get_slice(name).get_shape()),
+                           "dtype": handle.get_slice(name).get_dtype()} for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+
+
+def check_tensors(path: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor], backbone: str,
+                  prefix: str = "") -> None:
+    """The file's tensor names, shapes and dtypes (``header``, as :func:`tensor_header` gives them) must be
+    exactly those of ``backbone``'s state dict ``expected`` (built empty: only shapes and dtypes count).
+    ``prefix``: for an ensemble member's tensors in one file, whose names in ``header`` lack it (messages
+    name the tensors as they are in the file). A store checkpoint and an exported file are checked alike."""
+    names, wanted = set(header), set(expected)
+    if names != wanted:
+        missing, extra = sorted(wanted - names), sorted(names - wanted)
+        detail = (f"missing {[prefix + n for n in missing[:3]]}" if missing else "") + \
+                 (" " if missing and extra else "") + (f"unexpected {[prefix + n for n in extra[:3]]}" if extra else "")
+        raise CorruptError(f"{path}: tensors {prefix + '*' + ' ' if prefix else ''}do not match backbone "
+                           f"{backbone} ({detail})")
+    for name, ref in expected.items():
+        entry = header[name]
+        if not isinstance(entry, dict) or entry.get("shape") != list(ref.shape):
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            raise CorruptError(f"{path}: tensor {prefix}{name} has shape {shape}, backbone {backbone} needs "
+                               f"{list(ref.shape)}")
+        code = entry.get("dtype")
+        ok = code in FLOAT_CODES if ref.is_floating_point() else code == _safetensors_code(ref)
+        if not ok:
+            raise CorruptError(f"{path}: tensor {prefix}{name} has dtype {code}, which backbone {backbone} "
+                               "cannot use")
+
+
+# safetensors' codes of the float dtypes a model's floating-point tensors may be stored in.
+FLOAT_CODES = frozenset({"F32", "F16", "BF16"})
+
+
+def _safetensors_code(tensor: torch.Tensor) -> str:
+    import torch
+
+    return {torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}.get(tensor.dtype, "?")
 
 
 def split_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dermcam.checks import MAX_BATCH_SIZE, MAX_EPOCHS, SEED_MAX, check_int, check_text
 from dermcam.data.geometry import parse_size
 from dermcam.errors import BadInputError
 
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 2048  # model input, pixels per side
+MAX_FREEZE = 100  # --freeze counts stages; no timm backbone has nearly as many
 MONITORS = ("val_balanced_accuracy", "val_macro_f1", "val_auc_macro", "val_recall_mel", "val_accuracy", "val_loss")
 
 
@@ -53,20 +55,22 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse a bad value before any work starts (a run folder, a model, a data set read)."""
         _check_types(self)
-        finite = {name: math.isfinite(float(getattr(self, name)))
+        for name in ("dataset", "backbone", "pretrained", "balance", "monitor", "device", "precision",
+                     "operating_point"):
+            if getattr(self, name) is not None:  # a TOML file can hold "" or a newline as well as a shell
+                check_text(getattr(self, name), option_name(name))
+        for name, low, high in (("epochs", 1, MAX_EPOCHS), ("batch_size", 1, MAX_BATCH_SIZE), ("seed", 0, SEED_MAX),
+                                ("patience", 0, MAX_EPOCHS), ("accumulate", 1, MAX_BATCH_SIZE),
+                                ("freeze", 0, MAX_FREEZE)):
+            check_int(getattr(self, name), option_name(name), low, high)
+        finite = {name: _finite(getattr(self, name))
                   for name in ("lr", "head_lr_scale", "weight_decay", "warmup_epochs", "label_smoothing", "ema_decay")}
         checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
             (finite["lr"] and self.lr > 0, "--lr must be a positive number"),
             (finite["head_lr_scale"] and self.head_lr_scale > 0, "--head-lr-scale must be a positive number"),
             (finite["weight_decay"] and self.weight_decay >= 0, "--weight-decay must be a number, 0 or more"),
             (finite["warmup_epochs"] and 0 <= self.warmup_epochs <= self.epochs,
              "--warmup-epochs must be a number from 0 to --epochs"),
-            (self.patience >= 0, "--patience must be 0 or more"),
-            (self.accumulate >= 1, "--accumulate must be at least 1"),
-            (self.freeze >= 0, "--freeze must be 0 or more"),
-            (self.seed >= 0, "--seed must be 0 or more"),
             (self.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
             (self.monitor in MONITORS or self.monitor.startswith("val_recall_"),
              f"--monitor must be one of {', '.join(MONITORS)} or val_recall_<class>"),
@@ -82,6 +86,9 @@ class TrainConfig:
             from dermcam.evaluate.operating import parse_operating_point
 
             parse_operating_point(self.operating_point)
+        from dermcam.models.backbones import check_backbone  # imports timm: the last check
+
+        check_backbone(self.backbone)
 
     def input_size(self, default: tuple[int, int] | None = None) -> tuple[int, int]:
         """The model input as ``(height, width)`` (torch's order): ``image_size``, else ``default``."""
@@ -99,6 +106,19 @@ class TrainConfig:
         if unknown:
             raise BadInputError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def _finite(value: float) -> bool:
+    """A finite float; an int too large for one (a TOML file may hold 10**400) is not."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def option_name(field_name: str) -> str:
+    """The ``dermcam train`` option of a TrainConfig field, as messages name it: ``batch_size`` -> ``--batch-size``."""
+    return "--data" if field_name == "dataset" else "--" + field_name.replace("_", "-")
 
 
 # Python types each annotation admits (an int is a valid float; a bool is not a valid int).
@@ -165,6 +185,8 @@ def load_experiments(path: Path, base: TrainConfig) -> list[TrainConfig]:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"no such experiments file: {path}") from None
+    except OSError as exc:  # a folder, a path under a file, no permission
+        raise BadInputError(f"--config {path} cannot be read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} is not valid TOML ({exc})") from None
     runs = data.pop("run", [{}])

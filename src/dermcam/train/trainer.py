@@ -69,6 +69,11 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
         update_run(run_dir, status=status, error=message)
 
 
+class DivergedError(BadInputError):
+    """The loss became NaN or infinite: the settings (usually the learning rate) make training diverge.
+    Stopped before the optimizer applies the non-finite gradients, so no checkpoint holds NaN weights."""
+
+
 # What a resumed run takes from the command line: where and how it runs, never what it computes.
 # Everything else is the run's own; Trainer._open_run says why these two.
 RESUME_OPTIONS = ("device", "compile")
@@ -163,9 +168,10 @@ class Trainer:
                               "resize": "photo cropped at the centre to the cache_size aspect ratio (cover), "
                                         "then the whole of it resized to input_size"}
         if width > cache[0] or height > cache[1]:
+            needed = f"{max(width, cache[0])}x{max(height, cache[1])}"
             self.progress.log(f"Note: --image-size {width}x{height} is larger than the cache of data set "
                               f"'{self.data.name}' ({cache[0]}x{cache[1]}): the model trains on upsampled pixels. "
-                              f"For full detail, prepare it with --cache-size {width}x{height} or larger.")
+                              f"For full detail, prepare it with --cache-size {needed} or larger.")
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -342,6 +348,10 @@ class Trainer:
                 with contextlib.nullcontext() if step or not self.dist.enabled else self.eager_model.no_sync():
                     loss = (self._first_compiled_step(x, y, scale) if self.compile_pending
                             else self.forward_backward(x, y, scale))
+                if not math.isfinite(loss):
+                    raise DivergedError(
+                        f"training diverged: the loss is {loss} at epoch {self.epoch + 1}, batch {b + 1} (the "
+                        f"last checkpoint is intact; lower --lr (now {cfg.lr:g}) or --weight-decay and train again)")
                 if step:
                     self._optimizer_step()
                 total_loss += loss * scale * len(y)

@@ -4,8 +4,9 @@ patient and acquisition source.
 Columns are given with ``--image-col``, ``--label-col``, ``--lesion-col`` (or ``--group-col``: the
 same thing, images sharing a value stay on one side) and ``--patient-col``, else recognised by
 name (:data:`GUESSES`, :data:`~dermcam.data.sources.common.COLUMN_ALIASES`). Image paths are relative
-to the CSV's folder; an absolute path or one whose ``..`` leaves that folder is a listed skip
-(``unsafe_path``) and is never opened. A path without an image extension is tried with each one.
+to the CSV's folder; an absolute path, one whose ``..`` leaves that folder, or one that a symlink
+leads outside it is a listed skip (``unsafe_path``) and is never opened. A path without an image
+extension is tried with each one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 from dermcam.data.problems import Problem
 from dermcam.data.sources.common import (
     IMAGE_SUFFIXES,
+    SourceFolder,
     SourceTable,
     csv_header,
     digest,
@@ -29,7 +31,6 @@ from dermcam.data.sources.common import (
     pick_columns,
     read_bytes,
     require_columns,
-    top_csvs,
 )
 from dermcam.errors import BadInputError
 
@@ -48,20 +49,20 @@ def _guess(header: list[str], what: str) -> str | None:
     return next((c for c in GUESSES[what] if c in header), None)
 
 
-def find_csv(src: Path) -> Path:
-    """``src`` itself when it is a CSV file, else the folder's only CSV, else BadInputError."""
-    if src.is_file():
-        return src
-    csvs = top_csvs(src)
+def find_csv(folder: SourceFolder) -> Path:
+    """The source itself when it is a CSV file, else the folder's only CSV, else BadInputError."""
+    if folder.src != folder.root:
+        return folder.src
+    csvs = folder.top_csvs(folder.root)
     if len(csvs) != 1:
         found = f"{len(csvs)} CSV files ({', '.join(p.name for p in csvs)})" if csvs else "no CSV file"
-        raise BadInputError(f"{src} has {found}: give the CSV file itself as SRC")
+        raise BadInputError(f"{folder.root} has {found}: give the CSV file itself as SRC")
     return csvs[0]
 
 
-def detect(src: Path) -> str | None:
-    """Why ``src`` looks like a folder with one CSV of image paths and labels, or None."""
-    csvs = [src] if src.is_file() else top_csvs(src)
+def detect(folder: SourceFolder) -> str | None:
+    """Why the source looks like a folder with one CSV of image paths and labels, or None."""
+    csvs = [folder.src] if folder.src != folder.root else folder.top_csvs(folder.root)
     if len(csvs) != 1:
         return None
     header = csv_header(csvs[0])
@@ -110,21 +111,36 @@ def _columns(table: pd.DataFrame, label: str, given: dict[str, str]) -> dict[str
     return {**chosen, **pick_columns(table.drop(columns=[chosen["image"], chosen["label"]]), targets)}
 
 
-def read(src: Path, columns: dict[str, str] | None = None) -> SourceTable:
-    """The CSV ``src`` (a file, or a folder with one CSV) as a source table (see the module doc)."""
-    path = find_csv(src)
-    root = path.parent
+def _source(folder: SourceFolder, text: str) -> tuple[str | None, str]:
+    """A CSV cell's image path as it will be opened (relative to the root, ``""`` when empty), or None
+    and why it is never opened: absolute, ``..`` leaving the folder, or a symlink leading outside."""
+    path = safe_path(text)
+    if path is None:
+        return None, f"absolute or outside {folder.root.name}/"
+    if not path:
+        return "", ""
+    path = _existing(folder.root, path)
+    real = folder.outside(folder.root / path)
+    if real is not None:
+        return None, f"a symlink leads it outside {folder.root.name}/ (to {real})"
+    return path, ""
+
+
+def read(folder: SourceFolder, columns: dict[str, str] | None = None) -> SourceTable:
+    """The CSV source (a file, or a folder with one CSV) as a source table (see the module doc)."""
+    path = find_csv(folder)
+    root = folder.root
     data = read_bytes(path)
-    table = parse_csv(data, path.name)
+    table, problems = parse_csv(data, path.name)
     require_columns(table, path.name, [], "")
     chosen = _columns(table, path.name, columns or {})
     lines = np.arange(len(table)) + 2
-    paths = [safe_path(p) for p in table[chosen["image"]]]
-    unsafe = np.array([p is None for p in paths])
-    problems = [Problem(table[chosen["image"]].iloc[i][:200], PurePosixPath(table[chosen["image"]].iloc[i]).stem,
-                        "unsafe_path", f"CSV line {lines[i]}: absolute or outside {root.name}/, not read")
-                for i in np.flatnonzero(unsafe)]
-    sources = [_existing(root, p) if p else "" for p in paths if p is not None]
+    cells = table[chosen["image"]]
+    paths, reasons = zip(*(_source(folder, p) for p in cells))  # require_columns: at least one row
+    unsafe = np.array([p is None for p in paths], dtype=bool)
+    problems += [Problem(cells.iloc[i][:200], PurePosixPath(cells.iloc[i]).stem, "unsafe_path",
+                         f"CSV line {lines[i]}: {reasons[i]}, not read") for i in np.flatnonzero(unsafe)]
+    sources = [p for p in paths if p is not None]
     frame = pd.DataFrame({"source": sources, "image_id": [PurePosixPath(s).stem for s in sources],
                           "dx": table.loc[~unsafe, chosen["label"]].to_numpy()})
     for target, column in chosen.items():

@@ -24,18 +24,16 @@ import pandas as pd
 from dermcam.data.problems import Problem
 from dermcam.data.sources.common import (
     COLUMN_ALIASES,
+    SourceFolder,
     SourceTable,
     blank_missing,
     csv_header,
     digest,
-    find_images,
     normalised,
     parse_csv,
     pick_columns,
     read_bytes,
     require_columns,
-    subfolders,
-    top_csvs,
 )
 from dermcam.errors import BadInputError
 
@@ -65,25 +63,25 @@ def _kind(header: list[str]) -> str | None:
     return None
 
 
-def find_ground_truth(src: Path) -> Path | None:
-    """The ground-truth CSV in ``src``, else in a folder one level down; None when there is none.
+def find_ground_truth(folder: SourceFolder) -> Path | None:
+    """The ground-truth CSV in the source folder, else in a folder one level down; None when there is none.
 
     Several candidates at the same level are a BadInputError: which one is meant is not guessed.
     """
-    for level in ([src], subfolders(src)):
-        found = [p for folder in level for p in top_csvs(folder) if _kind(csv_header(p)) in ("one-hot", "2020")]
+    for level in ([folder.root], folder.subfolders(folder.root)):
+        found = [p for sub in level for p in folder.top_csvs(sub) if _kind(csv_header(p)) in ("one-hot", "2020")]
         if len(found) > 1:
-            names = ", ".join(p.relative_to(src).as_posix() for p in found)
-            raise BadInputError(f"{src} has several ISIC ground-truth CSVs ({names}): give a folder with one")
+            names = ", ".join(folder.relative(p) for p in found)
+            raise BadInputError(f"{folder.root} has several ISIC ground-truth CSVs ({names}): give a folder with one")
         if found:
             return found[0]
     return None
 
 
-def detect(src: Path) -> str | None:
-    """Why ``src`` looks like an ISIC challenge folder, or None."""
-    path = find_ground_truth(src)
-    return None if path is None else f"ISIC ground truth {path.relative_to(src).as_posix()}"
+def detect(folder: SourceFolder) -> str | None:
+    """Why the source looks like an ISIC challenge folder, or None."""
+    path = find_ground_truth(folder)
+    return None if path is None else f"ISIC ground truth {folder.relative(path)}"
 
 
 def _one_hot(table: pd.DataFrame, label: str) -> tuple[pd.Series, pd.Series, list[Problem]]:
@@ -108,13 +106,15 @@ def _one_hot(table: pd.DataFrame, label: str) -> tuple[pd.Series, pd.Series, lis
     return dx, ok, problems
 
 
-def _join_metadata(frame: pd.DataFrame, paths: list[Path]) -> list[bytes]:
-    """Fill empty optional columns of ``frame`` from the metadata CSVs, by image id; returns their bytes."""
+def _join_metadata(frame: pd.DataFrame, paths: list[Path], problems: list[Problem]) -> list[bytes]:
+    """Fill empty optional columns of ``frame`` from the metadata CSVs, by image id; returns their bytes
+    (problems reading them are added to ``problems``)."""
     contents = []
     for path in paths:
         data = read_bytes(path)
         contents.append(data)
-        meta = parse_csv(data, path.name)
+        meta, found = parse_csv(data, path.name)
+        problems += found
         key = next(c for c in ID_COLUMNS if c in meta.columns)
         meta = meta[meta[key] != ""].drop_duplicates(key).set_index(key)
         for target, column in pick_columns(meta).items():
@@ -124,21 +124,21 @@ def _join_metadata(frame: pd.DataFrame, paths: list[Path]) -> list[bytes]:
     return contents
 
 
-def read(src: Path) -> SourceTable:
-    """The ISIC folder ``src`` as a source table (see the module doc)."""
-    path = find_ground_truth(src)
+def read(folder: SourceFolder) -> SourceTable:
+    """The ISIC source ``folder`` as a source table (see the module doc)."""
+    path = find_ground_truth(folder)
     if path is None:
-        raise BadInputError(f"{src} has no ISIC ground-truth CSV: expected one with columns image,MEL,NV,... "
-                            "(one-hot) or image_name,...,diagnosis (ISIC 2020)")
-    label = path.relative_to(src).as_posix()
+        raise BadInputError(f"{folder.root} has no ISIC ground-truth CSV: expected one with columns "
+                            "image,MEL,NV,... (one-hot) or image_name,...,diagnosis (ISIC 2020)")
+    label = folder.relative(path)
     data = read_bytes(path)
-    table = parse_csv(data, label)
+    table, problems = parse_csv(data, label)
     kind = _kind(list(table.columns))
     ident = "image" if kind == "one-hot" else "image_name"
     require_columns(table, label, [ident], "an ISIC ground truth names each image")
-    problems: list[Problem] = []
     if kind == "one-hot":
-        dx, ok, problems = _one_hot(table, label)
+        dx, ok, found = _one_hot(table, label)
+        problems += found
     else:
         dx = table["diagnosis"].str.lower().str.split().str.join(" ")
         dx, ok = dx.map(lambda d: DIAGNOSES.get(d, d)), pd.Series(True, index=table.index)
@@ -147,14 +147,13 @@ def read(src: Path) -> SourceTable:
     for target, column in pick_columns(table).items():
         frame[target] = blank_missing(table[column])
     frame, where = frame[ok].copy(), [f"CSV line {n}" for n in np.flatnonzero(ok.to_numpy()) + 2]
-    metadata = [p for p in top_csvs(path.parent) if p != path and _kind(csv_header(p)) == "metadata"]
-    contents = _join_metadata(frame, metadata)
+    metadata = [p for p in folder.top_csvs(path.parent) if p != path and _kind(csv_header(p)) == "metadata"]
+    contents = _join_metadata(frame, metadata, problems)
     lesion_ids = "lesion_id" in frame.columns
-    folders = [src, *subfolders(src)]
-    files, scan_problems = find_images(src, folders)
+    files, scan_problems = folder.find_images([folder.root, *folder.subfolders(folder.root)])
     detail = f"ISIC {kind} ground truth {label}"
     if metadata:
-        detail += f"; metadata {', '.join(p.relative_to(src).as_posix() for p in metadata)}"
-    return SourceTable("isic", detail, src, normalised(frame, where), label, digest(data, *contents),
+        detail += f"; metadata {', '.join(folder.relative(p) for p in metadata)}"
+    return SourceTable("isic", detail, folder.root, normalised(frame, where), label, digest(data, *contents),
                        problems=problems, scan_problems=scan_problems, files=files, listed=listed,
                        lesion_ids=lesion_ids)
