@@ -380,3 +380,20 @@ def test_fuzzed_metadata_never_crashes_or_touches_other_sets(runner, ham_src: Pa
         assert not leftovers, context
         codes.add(result.exit_code)
     assert {0, 2} <= codes or {5, 2} <= codes  # the mutations reach both accepted and refused CSVs
+
+
+@pytest.mark.parametrize("size", [(103, 78), (103, 80), (317, 239)])
+def test_a_photo_whose_cover_box_rounds_outside_it_still_decodes(tmp_path: Path, size: tuple[int, int]) -> None:
+    """At 256x192 these sizes put the centred crop's left edge at -7e-15, which Pillow refused: valid
+    JPEGs were skipped as 'unreadable' (1,260 sizes between 100x75 and 320x240)."""
+    from PIL import Image
+
+    from dermcam.data.geometry import cover_box
+    from dermcam.data.images import decode_image
+
+    left, top, right, bottom = cover_box(size, (256, 192))
+    assert 0 <= left and 0 <= top and right <= size[0] and bottom <= size[1]
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", size, (180, 120, 100)).save(path)
+    array, note = decode_image(path, (256, 192))
+    assert array.shape == (192, 256, 3) and note is None

@@ -61,8 +61,10 @@ def cover_box(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[float
     width, height = image_size
     scale = max(size[0] / width, size[1] / height)
     box_w, box_h = size[0] / scale, size[1] / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return left, top, left + box_w, top + box_h
+    # Clamped into the image: the division can land a rounding error outside it (a 103x78 photo at
+    # 256x192 gives left = -7e-15), and Pillow refuses a box that leaves the image.
+    left, top = max(0.0, (width - box_w) / 2), max(0.0, (height - box_h) / 2)
+    return left, top, min(float(width), left + box_w), min(float(height), top + box_h)
 
 
 def cover_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
