@@ -43,3 +43,20 @@ def test_the_prepared_gpu_session_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) 
     # on the CPU a killed-and-resumed run ends with exactly the weights of an uninterrupted one
     assert record["kill_resume"]["max_weight_difference"] == 0.0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_gpu.log", "session.json", "train.log"]
+
+
+def test_the_duplicates_benchmark_runs_every_method_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/bench_duplicates.py on a few synthetic images: planting, every method (the CNN with a
+    tiny random model), the threshold choice; it writes no results."""
+    script = BENCH.parent / "bench_duplicates.py"
+    results = BENCH.parent / "results" / "duplicates.json"
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["method"].split()[0] for r in rows] == ["dermcam"] * 3 + ["pHash"] * 3 + ["test_efficientnet"]
+    for row in rows:
+        assert 0.0 <= row["min_recall"] <= 1.0 and row["images/s"] > 0 and row["worst_kind"], row
+    assert not list(tmp_path.iterdir())
+    assert (results.read_bytes() if results.exists() else None) == before

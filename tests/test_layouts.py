@@ -406,7 +406,7 @@ def test_ham10000_splits_and_columns_are_unchanged(runner, ham_src: Path) -> Non
     groups = index["lesion_id"].where(index["lesion_id"] != "", "image:" + index["image_id"])
     expected = split_by_lesion(groups, index["dx"], (0.7, 0.15, 0.15), seed=2)  # the keys HAM always used
     assert index["split"].tolist() == list(expected) and (index["group"] == groups).all()
-    assert list(index.columns)[-3:] == NEW_INDEX_COLUMNS and list(manifest)[-6:] == NEW_MANIFEST_KEYS
+    assert list(index.columns)[-3:] == NEW_INDEX_COLUMNS and list(manifest)[-7:] == [*NEW_MANIFEST_KEYS, "near_duplicates"]
     assert (index["patient_id"] == "").all()
     assert (index.set_index("image_id")["dataset"] == table.set_index("image_id")["dataset"]).all()
     assert manifest["classes_from"] == "default" and manifest["other_classes"] == {} and not manifest["external"]

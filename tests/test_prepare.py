@@ -23,8 +23,9 @@ pytest_plugins = ["fixtures_ham"]  # ham_src, synthetic_master
 
 SMALL_CACHE = ["--cache-size", "32x24"]
 MANIFEST_KEYS = ["schema", "name", "source", "created", "dermcam_version", "classes", "label_encoding",
-                 "fingerprint", "cache", "seed", "fractions", "max_per_class", "counts", "lesions", "leakage",
-                 "problems", "layout", "layout_detail", "external", "grouping", "classes_from", "other_classes"]
+                 "fingerprint", "cache", "fingerprints", "seed", "fractions", "max_per_class", "counts", "lesions",
+                 "leakage", "problems", "layout", "layout_detail", "external", "grouping", "classes_from",
+                 "other_classes", "near_duplicates"]
 INDEX_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "dx_type", "age", "sex", "localization",
                  "source", "sha256", "patient_id", "dataset", "group"]
 

@@ -8,11 +8,14 @@ The on-disk format is a contract between ``prepare`` and everything that reads a
         index.csv       one row per image; row i describes images[i] (older sets lack patient_id, dataset
                         and group: they are filled in when read, group from lesion_id or the image)
         images.npy      uint8 N x H x W x 3, loaded with np.load(mmap_mode="r")
+        fingerprints.npy  float16 N x 12 x 192 near-duplicate fingerprints (older sets lack it: fingerprints())
+        duplicates.csv  the near-duplicate pairs prepare grouped (older sets lack it)
         problems.csv    every problem found in the source and what was done about it
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dermcam.data.split import SPLITS, group_keys
+from dermcam.data.cache import load_fingerprints
+from dermcam.data.fingerprint import DEFAULT_THRESHOLD
+from dermcam.data.geometry import DEFAULT_CACHE_SIZE
+from dermcam.data.split import DEFAULT_FRACTIONS, SPLITS, group_keys
 from dermcam.errors import BadInputError, CorruptError, NotFoundError
 from dermcam.store.files import read_json
 from dermcam.store.locks import store_lock
@@ -55,6 +61,51 @@ class PreparedDataset:
             raise BadInputError(f"unknown split '{which}'; choose from {', '.join(SPLITS)}")
         rows = np.flatnonzero(self.index["split"].to_numpy() == which)
         return rows, self.index["label"].to_numpy(dtype=np.int64)[rows]
+
+    def fingerprints(self) -> np.ndarray:
+        """The (N, 12, 192) float16 near-duplicate fingerprints, row i of image i (validated, no pickle).
+
+        Not recomputed here: that needs the source unchanged (its sha256s checked) and a write into
+        the set under the store's lock, which is what ``prepare`` does; a read never writes. So a set
+        prepared before fingerprints existed raises NotFoundError (exit 3), a damaged file
+        CorruptError (exit 4), each one line naming the ``dermcam prepare`` command that rebuilds it
+        (copying its cache rows when their format still matches, decoding the rest).
+        """
+        try:
+            return load_fingerprints(self.path, self.manifest, len(self.index))
+        except (NotFoundError, CorruptError) as exc:
+            raise type(exc)(f"data set '{self.name}': {exc}; run: {self.prepare_command()}") from None
+
+    def prepare_command(self) -> str:
+        """The ``dermcam prepare`` command line that rebuilds this set as it is: its source, name and
+        every recorded option that differs from the default (column options of the csv layout given
+        by hand are not recorded: add them)."""
+        return prepare_command(self.manifest, self.name)
+
+
+def prepare_command(manifest: dict[str, Any], name: str) -> str:
+    """See :meth:`PreparedDataset.prepare_command`; quoted for a POSIX shell."""
+    m = manifest
+    words = ["dermcam", "prepare", str(m.get("source") or "SRC"), "--name", name]
+    if not str(m.get("layout_detail", "detected")).startswith("detected") and m.get("layout"):
+        words += ["--layout", str(m["layout"])]
+    if m.get("classes_from") == "option":
+        words += ["--classes", ",".join(map(str, m.get("classes", [])))]
+    if m.get("seed", 0) != 0:
+        words += ["--seed", str(m["seed"])]
+    if m.get("external"):
+        words.append("--external")
+    elif m.get("fractions") not in (None, list(DEFAULT_FRACTIONS)):
+        words += ["--fractions", ",".join(map(str, m["fractions"]))]
+    if m.get("max_per_class") is not None:
+        words += ["--max-per-class", str(m["max_per_class"])]
+    cache = m.get("cache") or {}
+    if (cache.get("width"), cache.get("height")) not in ((None, None), tuple(DEFAULT_CACHE_SIZE)):
+        words += ["--cache-size", f"{cache['width']}x{cache['height']}"]
+    threshold = (m.get("near_duplicates") or {}).get("threshold", DEFAULT_THRESHOLD)
+    if threshold != DEFAULT_THRESHOLD:
+        words += ["--duplicate-threshold", str(threshold)]
+    return shlex.join(words)
 
 
 def list_prepared(root: Path | None = None) -> list[dict[str, Any]]:

@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dermcam.data.fingerprint import fingerprint
 from dermcam.data.geometry import cover_resize
 from dermcam.errors import BadInputError, first_line
 
 # 64 megapixels: three times the largest dermatoscope photos; anything bigger is refused before it
 # is decoded (a tiny file can claim gigapixels and exhaust memory: a "decompression bomb")
 MAX_IMAGE_PIXELS = 64_000_000
+# The fingerprint is computed from a JPEG draft of at least this many pixels a side (its views are
+# reduced to 64-128 pixels before their 16x16 thumbnails), never from a cache-sized 1/8 draft.
+FINGERPRINT_DRAFT = 128
 
 
 _MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale+alpha", "P": "palette",
@@ -91,15 +95,44 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
     ``prepare`` can report it. JPEGs are decoded directly at a reduced scale (``draft``), several
     times faster than decoding at full size and resizing.
     """
+    pixels, note, _ = _decode(source, size, with_fingerprint=False)
+    return pixels, note
+
+
+def decode_with_fingerprint(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarray, str | None, np.ndarray]:
+    """:func:`decode_image` plus the image's near-duplicate fingerprint, in one decode (two for a cache
+    under FINGERPRINT_DRAFT pixels a side).
+
+    The fingerprint is taken from the upright image before the cover crop (a crop of a rotated photo
+    keeps another part of it: :mod:`dermcam.data.fingerprint`), from a JPEG draft of at least
+    FINGERPRINT_DRAFT pixels a side, so it does not depend on the cache size.
+    """
+    pixels, note, row = _decode(source, size, with_fingerprint=True)
+    assert row is not None  # with_fingerprint=True always computes it
+    return pixels, note, row
+
+
+def _decode(source: Path | bytes, size: tuple[int, int],
+            with_fingerprint: bool) -> tuple[np.ndarray, str | None, np.ndarray | None]:
+    """The one decoder behind :func:`decode_image` and :func:`decode_with_fingerprint`, errors as
+    :class:`ImageDecodeError`. Everything happens inside ``with``: a closed Pillow image has no pixels.
+
+    The fingerprint's JPEG draft is at least FINGERPRINT_DRAFT pixels a side whatever the cache size,
+    so a set cached at 16x12 fingerprints as one at 256x192 does (what a data set overlap compares);
+    the cache row is then decoded once more at its own draft, the pixels decode_image gives.
+    """
+    draft = (max(size[0], FINGERPRINT_DRAFT), max(size[1], FINGERPRINT_DRAFT)) if with_fingerprint else size
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(handle) as image:
             check_pixels(image)
             note = conversion_note(image)
-            image.draft("RGB", size)
+            image.draft("RGB", draft)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
-            array = np.asarray(cover_resize(to_rgb(image), size), dtype=np.uint8)
+            upright = to_rgb(image)
+            fingerprint_row = fingerprint(upright) if with_fingerprint else None
+            array = np.asarray(cover_resize(upright, size), dtype=np.uint8) if draft == size else None
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read", "unreadable") from exc
     except Image.DecompressionBombError as exc:  # Pillow's own cap, raised while opening
@@ -108,7 +141,9 @@ def decode_image(source: Path | bytes, size: tuple[int, int]) -> tuple[np.ndarra
         message = first_line(exc)
         kind = "truncated" if "truncated" in message.lower() else "unreadable"
         raise ImageDecodeError(message, kind) from exc
-    return array, note
+    if array is None:  # a cache smaller than the fingerprint's draft (tests, tiny caches)
+        array, _, _ = _decode(source, size, with_fingerprint=False)
+    return array, note, fingerprint_row
 
 
 def load_image(path: Path) -> Image.Image:

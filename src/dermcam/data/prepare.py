@@ -3,20 +3,23 @@
 ``prepare`` reads a source in any known layout (HAM10000 as Kaggle ships it, ISIC challenge CSVs,
 one folder per class, a CSV of paths and labels: :mod:`dermcam.data.sources`), repairs or skips
 every bad row and image (and reports each one), splits train/val/test by lesion (else patient, else
-image) so no group sits on two sides, and decodes every image once into a single uint8 array that
-training memory-maps. An ``external`` set (evaluation only) puts every image in test. The on-disk
-format is a contract with the training code (see docs/data.md)::
+image, and near-duplicate photographs whatever their ids: :mod:`dermcam.data.near_duplicates`) so no
+group sits on two sides, and decodes every image once into a single uint8 array that training
+memory-maps, fingerprinting it in the same pass. An ``external`` set (evaluation only) puts every
+image in test. The on-disk format is a contract with the training code (see docs/data.md)::
 
     <store root>/datasets/<name>/
         manifest.json   schema "dermcam.dataset/1": classes, label encoding, counts, audit, fingerprint,
-                        layout, external, grouping
+                        layout, external, grouping, fingerprints, near_duplicates
         index.csv       one row per image; row i describes images[i] (with its split and group)
         images.npy      uint8 N x H x W x 3, loaded with np.load(mmap_mode="r")
+        fingerprints.npy  float16 N x 12 x 192: each image's near-duplicate fingerprint
+        duplicates.csv  the near-duplicate pairs found (and grouped), one row per pair
         problems.csv    every problem found in the source and what was done about it
 
 Re-running ``prepare`` on unchanged input costs one pass of hashing: the content fingerprint matches
 and the set is reused. When only some images changed, rows of unchanged images (same sha256) are
-copied from the old cache and only the rest is decoded.
+copied from the old cache (with their fingerprints) and only the rest is decoded.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ import numpy as np
 import pandas as pd
 
 from dermcam import __version__
-from dermcam.data.cache import CACHE_FILE, FORMAT_VERSION, cache_entry, parallel_map, write_cache
+from dermcam.data.cache import CACHE_FILE, FORMAT_VERSION, cache_entry, load_fingerprints, parallel_map, write_cache
 from dermcam.data.classes import check_class_names
 from dermcam.data.clean import clean_rows, match_files
 from dermcam.data.dataset import SCHEMA
+from dermcam.data.fingerprint import DEFAULT_THRESHOLD, fingerprint_entry
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE, parse_size
+from dermcam.data.near_duplicates import DUPLICATES_FILE, audit, check_threshold, find_pairs, write_pairs
 from dermcam.data.problems import PROBLEM_COLUMNS, Problem, problem_counts
 from dermcam.data.sources import read_source
 from dermcam.data.split import (
@@ -55,7 +60,7 @@ from dermcam.data.split import (
     leakage_audit,
     split_by_lesion,
 )
-from dermcam.errors import BadInputError, NotFoundError
+from dermcam.errors import BadInputError, CorruptError, NotFoundError
 from dermcam.progress import Progress
 from dermcam.store.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from dermcam.store.locks import store_lock
@@ -178,7 +183,8 @@ def _fingerprint(metadata_sha: str, table: pd.DataFrame, problems: list[Problem]
     """One hash over everything that shapes the output: metadata, used image bytes, options (with the
     layout and the classes chosen), code version, and the problems found so far (an unlisted image
     or a broken link changes problems.csv)."""
-    payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "csv": metadata_sha, "options": options,
+    payload = {"schema": SCHEMA, "format": FORMAT_VERSION, "fingerprints": fingerprint_entry(),
+               "csv": metadata_sha, "options": options,
                "images": sorted(zip(table["source"], table["sha256"])),
                "problems": sorted(sorted(p.row().items()) for p in problems)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -219,11 +225,13 @@ class _Options:
     layout: str | None  # None: detected
     external: bool
     columns: dict[str, str]  # the csv layout's column options
+    near_duplicate_threshold: float  # 0: near-duplicates are not grouped
 
     def key(self) -> dict[str, Any]:
         return {"classes": self.classes, "seed": self.seed, "fractions": list(self.fractions),
                 "max_per_class": self.max_per_class, "width": self.size[0], "height": self.size[1],
-                "external": self.external, "columns": self.columns}
+                "external": self.external, "columns": self.columns,
+                "near_duplicate_threshold": self.near_duplicate_threshold}
 
 
 @dataclass
@@ -280,7 +288,7 @@ def _sha256_or_none(path: Path) -> str | None:
 
 
 def _manifest(name: str, options: _Options, scan: _Scan, table: pd.DataFrame,
-              problems: list[Problem]) -> dict[str, Any]:
+              problems: list[Problem], near_duplicates: dict[str, Any]) -> dict[str, Any]:
     """The manifest of the finished set (the format contract, see the module doc)."""
     counts, lesions = _summaries(table, scan.classes)
     return {
@@ -288,33 +296,41 @@ def _manifest(name: str, options: _Options, scan: _Scan, table: pd.DataFrame,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dermcam_version": __version__, "classes": scan.classes,
         "label_encoding": {c: i for i, c in enumerate(scan.classes)}, "fingerprint": scan.fingerprint,
-        "cache": cache_entry(options.size),
+        "cache": cache_entry(options.size), "fingerprints": fingerprint_entry(),
         "seed": options.seed, "fractions": list(options.fractions), "max_per_class": options.max_per_class,
         "counts": counts, "lesions": lesions, "leakage": leakage_audit(table["group"], table["split"]),
         "problems": problem_counts(problems),
         "layout": scan.layout, "layout_detail": scan.layout_detail, "external": options.external,
         "grouping": group_kinds(table["group"]), "classes_from": scan.classes_from,
-        "other_classes": scan.other_classes,
+        "other_classes": scan.other_classes, "near_duplicates": near_duplicates,
     }
 
 
 def _build(build: Path, target: Path, options: _Options, scan: _Scan, workers: int,
            progress: Progress) -> tuple[dict[str, Any], list[Problem], int, int]:
-    """Write the whole set into the ``build`` folder. Returns manifest, problems, reused, decoded."""
-    ok, image_problems, reused = write_cache(build / CACHE_FILE, scan.table, scan.root, target, options.size,
-                                              workers, progress)
-    problems = scan.problems + image_problems
-    table = scan.table[ok].reset_index(drop=True)
+    """Write the whole set into the ``build`` folder. Returns manifest, problems, reused, decoded.
+
+    Near-duplicate pairs join the groups before the split (one transitive closure with the lesion and
+    patient ids), so a photograph filed under two lesion ids ends on one side."""
+    cache = write_cache(build / CACHE_FILE, scan.table, scan.root, target, options.size, workers, progress)
+    problems = scan.problems + cache.problems
+    table = scan.table[cache.ok].reset_index(drop=True)
     _check_usable(table, scan.classes)
-    table["group"] = group_keys(table)
+    progress.start("Searching near-duplicates", total=1)
+    pairs, distances, within = find_pairs(cache.fingerprints, options.near_duplicate_threshold)
+    progress.advance()
+    progress.finish()
+    table["group"] = group_keys(table, pairs)
     table["split"] = split_by_lesion(table["group"], table["dx"], options.fractions, options.seed)
     table["label"] = table["dx"].map({c: i for i, c in enumerate(scan.classes)}).astype(int)
-    manifest = _manifest(target.name, options, scan, table, problems)
+    near = audit(table, pairs, distances, options.near_duplicate_threshold, within)
+    write_pairs(build, near)
+    manifest = _manifest(target.name, options, scan, table, problems, near.summary)
     atomic_write_bytes(build / "index.csv", _frame_bytes(table[list(INDEX_COLUMNS)]))
     atomic_write_bytes(build / "problems.csv",
                        _frame_bytes(pd.DataFrame([p.row() for p in problems], columns=list(PROBLEM_COLUMNS))))
     atomic_write_json(build / "manifest.json", manifest)
-    return manifest, problems, reused, int(ok.sum()) - reused
+    return manifest, problems, cache.reused, int(cache.ok.sum()) - cache.reused
 
 
 def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] | None = None, seed: int = 0,
@@ -323,14 +339,15 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] | None
             progress: Progress | None = None, root: Path | None = None, layout: str | None = None,
             external: bool = False, image_col: str | None = None, label_col: str | None = None,
             group_col: str | None = None, lesion_col: str | None = None,
-            patient_col: str | None = None) -> PrepareReport:
+            patient_col: str | None = None, near_duplicate_threshold: float = DEFAULT_THRESHOLD) -> PrepareReport:
     """Prepare the source ``src`` (a folder, or a CSV file) as data set ``name`` in the store.
 
     ``classes`` None: nv, bkl and mel when the source has all three, else every class it has.
     ``fractions`` None: 0.7, 0.15, 0.15. ``layout`` None: detected (``ham10000``, ``isic``, ``csv``,
     ``folders``). ``external``: an evaluation-only set, every image in test (no ``fractions``).
     ``image_col`` ... ``patient_col``: the csv layout's columns (``group_col`` is ``lesion_col``), else
-    recognised by name; giving one selects the csv layout.
+    recognised by name; giving one selects the csv layout. ``near_duplicate_threshold``: images whose
+    fingerprints are closer than this share a group (0: not grouped; the fingerprints are kept anyway).
 
     Raises BadInputError (an unusable source or option) and NotFoundError (no ``src``); on any error
     the store is left exactly as it was: the set is built in a hidden folder and renamed into place.
@@ -345,7 +362,7 @@ def prepare(src: Path, *, name: str | None = None, classes: Sequence[str] | None
                        _check_fractions(fractions, bool(external)), max_per_class,
                        parse_size(cache_size, "--cache-size"), layout, bool(external),
                        _columns(image=image_col, label=label_col, group=group_col, lesion=lesion_col,
-                                patient=patient_col))
+                                patient=patient_col), check_threshold(near_duplicate_threshold))
     name = _check_name(name) if name is not None else default_name(src)
 
     scan = _scan(src, options, workers, progress)
@@ -381,10 +398,13 @@ def _reuse_if_current(target: Path, scan: _Scan, started: float) -> PrepareRepor
         manifest = read_json(target / "manifest.json")
         images = np.load(target / CACHE_FILE, mmap_mode="r", allow_pickle=False)
         problems = pd.read_csv(target / "problems.csv", dtype=str, keep_default_na=False)
-    except (OSError, ValueError):
+        if manifest.get("fingerprint") != scan.fingerprint or not (target / DUPLICATES_FILE).is_file():
+            return None
+        total = sum(sum(c.values()) for c in manifest.get("counts", {}).values())
+        load_fingerprints(target, manifest, total)  # a damaged fingerprints.npy: rebuilt
+    except (OSError, ValueError, AttributeError, NotFoundError, CorruptError):
         return None
-    total = sum(sum(c.values()) for c in manifest.get("counts", {}).values())
-    if manifest.get("fingerprint") != scan.fingerprint or len(images) != total:
+    if len(images) != total:
         return None
     listed = [Problem(r.file, r.image_id, r.kind, r.detail) for r in problems.itertuples()]
     return PrepareReport(name=target.name, path=target, manifest=manifest, up_to_date=True, reused=total,

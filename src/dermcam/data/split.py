@@ -17,21 +17,9 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 GROUP_KINDS = ("lesion", "patient", "image")
 
 
-def group_keys(table: pd.DataFrame) -> pd.Series:
-    """The grouping key of each row: images that share a lesion id *or* a patient id are one group.
-
-    Grouping is transitive (a patient's lesions, and every image of each, form one group), so neither
-    a lesion nor a patient can sit on two sides of a split. A group with a patient id is keyed
-    ``patient:<smallest patient id>``, else by its lesion id (HAM10000's lesion keys, unchanged),
-    else ``image:<image_id>``. (A table without a ``patient_id`` column, such as an index.csv written
-    before it existed, groups by lesion alone.)
-    """
-    import pandas as pd
-
-    lesions = table["lesion_id"].to_numpy(dtype=object)
-    patients = (table["patient_id"].to_numpy(dtype=object) if "patient_id" in table.columns
-                else np.full(len(table), "", dtype=object))
-    parent = list(range(len(table)))
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Union-find: for each of ``n`` nodes the smallest node it is joined to through the (m, 2) ``edges``."""
+    parent = list(range(n))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -39,15 +27,42 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
             i = parent[i]
         return i
 
-    for ids in (lesions, patients):
+    for i, j in np.asarray(edges, dtype=np.int64).reshape(-1, 2).tolist():
+        a, b = root(i), root(j)
+        parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(n)], dtype=np.int64)
+
+
+def group_keys(table: pd.DataFrame, pairs: np.ndarray | Sequence[tuple[int, int]] | None = None) -> pd.Series:
+    """The grouping key of each row: images that share a lesion id *or* a patient id, or that ``pairs``
+    joins, are one group.
+
+    ``pairs``: extra edges, (m, 2) row positions (0 .. len(table) - 1) of images that must stay
+    together although their ids differ (near-duplicates: :mod:`dermcam.data.fingerprint`). Grouping
+    is one transitive closure over all three (a patient's lesions, every image of each, and every
+    near-duplicate of any of them form one group), so neither a lesion, a patient nor a copy of an
+    image can sit on two sides of a split. A group with a patient id is keyed
+    ``patient:<smallest patient id>``, else by its smallest lesion id (HAM10000's lesion keys,
+    unchanged), else ``image:<image_id>``; without pairs the keys are those of ids alone. (A table
+    without a ``patient_id`` column, such as an index.csv written before it existed, groups by lesion
+    alone.)
+    """
+    import pandas as pd
+
+    lesions = table["lesion_id"].to_numpy(dtype=object)
+    patients = (table["patient_id"].to_numpy(dtype=object) if "patient_id" in table.columns
+                else np.full(len(table), "", dtype=object))
+    edges = [np.asarray(pairs if pairs is not None else [], dtype=np.int64).reshape(-1, 2)]
+    if len(edges[0]) and (edges[0].min() < 0 or edges[0].max() >= len(table)):
+        raise ValueError(f"pairs name rows outside 0..{len(table) - 1}")
+    for ids in (lesions, patients):  # each row joined to the first row with its id
         first: dict[str, int] = {}
-        for i, key in enumerate(ids):
-            if key:
-                a, b = root(i), root(first.setdefault(key, i))
-                parent[max(a, b)] = min(a, b)
+        edges.append(np.array([(i, first.setdefault(key, i)) for i, key in enumerate(ids) if key],
+                              dtype=np.int64).reshape(-1, 2))
+    root = components(len(table), np.concatenate(edges))
     members: dict[int, list[int]] = {}
     for i in range(len(table)):
-        members.setdefault(root(i), []).append(i)
+        members.setdefault(int(root[i]), []).append(i)
     keys = [""] * len(table)
     image_ids = table["image_id"].to_numpy(dtype=object)
     for rows in members.values():
