@@ -1,4 +1,4 @@
-"""``dermcam prepare`` and ``dermcam data list|show|synthetic``: thin wrappers over :mod:`dermcam.data`.
+"""``dermcam prepare`` and ``dermcam data list|show|duplicates|overlap|synthetic``: wrappers of :mod:`dermcam.data`.
 
 The library is imported inside each command so ``dermcam --help`` stays instant.
 """
@@ -14,6 +14,8 @@ from dermcam.cli import views
 from dermcam.checks import SEED_MAX, check_output_dir
 from dermcam.cli.common import JSON_OPTION, console, handle_errors, print_json
 from dermcam.data.classes import DEFAULT_CLASSES
+from dermcam.data.fingerprint import DEFAULT_THRESHOLD
+from dermcam.data.overlap import OVERLAP_THRESHOLD
 from dermcam.data.geometry import DEFAULT_CACHE_SIZE
 from dermcam.data.split import DEFAULT_FRACTIONS
 from dermcam.errors import BadInputError, ExitCode
@@ -51,8 +53,23 @@ def _source_lines(manifest: dict) -> list[str]:
     grouping = manifest.get("grouping") or {}
     lines.append("Groups (none on two sides of a split; index.csv column group): "
                  + ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in grouping.items() if n))
+    lines += _several_sources_lines(manifest)
     if manifest.get("external"):
         lines.append("External set: every image is in the test split; evaluation only, never trained on.")
+    return lines
+
+
+def _several_sources_lines(manifest: dict) -> list[str]:
+    """A set of several sources: the images each gave (index.csv column dataset) and what two of them
+    shared; [] for a set of one source."""
+    sources, across = manifest.get("sources"), manifest.get("across_sources") or {}
+    if not sources:
+        return []
+    lines = ["Sources (index.csv column dataset): " + ", ".join(f"{s['name']} {s['images']}" for s in sources)]
+    lines.append(f"Across sources: {across.get('identical_files', 0)} identical files and "
+                 f"{across.get('near_duplicates_removed', 0)} near-duplicates counted once (duplicate_across_sources), "
+                 f"{across.get('near_duplicates_grouped', 0)} near-duplicate pairs with different labels "
+                 "kept on one side")
     return lines
 
 
@@ -63,11 +80,15 @@ def _print_source(manifest: dict) -> None:
 
 @handle_errors
 def prepare_command(
-    src: Path = typer.Argument(..., help="Source: a HAM10000 or ISIC folder, one folder per class, a folder "
-                               "with one CSV of image paths and labels, or that CSV file (see docs/data.md)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Data set name (default: the source folder's name)."),
+    src: list[Path] = typer.Argument(..., help="Source: a HAM10000 or ISIC folder, one folder per class, a folder "
+                                     "with one CSV of image paths and labels, or that CSV file (see docs/data.md). "
+                                     "Several sources make one set (--name required): an image found in two "
+                                     "counts once."),
+    name: Optional[str] = typer.Option(None, "--name", help="Data set name (default: the source folder's name; "
+                                       "required with several sources)."),
     layout: Optional[str] = typer.Option(None, "--layout",
-                                         help="ham10000 | isic | folders | csv (default: detected)."),
+                                         help="ham10000 | isic | folders | csv (default: detected; with several "
+                                              "sources, forced on every one)."),
     classes: Optional[str] = typer.Option(None, "--classes",
                                           help="Comma-separated class names (default: nv,bkl,mel when the source "
                                                "has all three, else every class found); labels are the names "
@@ -93,11 +114,15 @@ def prepare_command(
                                    help="Cached image size, WIDTHxHEIGHT."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="Decoding threads (default: CPU count, at most 4)."),
+    near_duplicate_threshold: float = typer.Option(
+        DEFAULT_THRESHOLD, "--duplicate-threshold",
+        help="Images whose fingerprints are closer than this share a split group whatever their ids "
+             "(0 to 0.2; 0: off). See dermcam data duplicates."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Clean, split (by lesion, else patient, else image) and cache a source as a data set in the store.
 
-    The layout (HAM10000, ISIC, one folder per class, a CSV of paths and labels) is detected.
+    The layout (HAM10000, ISIC, one folder per class, a CSV of paths and labels) is detected, per source.
 
     Exit code 5 when some rows or images were skipped (listed in problems.csv).
     """
@@ -108,12 +133,20 @@ def prepare_command(
                          seed=seed, fractions=None if fractions is None else _parse_fractions(fractions),
                          max_per_class=max_per_class, cache_size=cache_size, workers=workers,
                          progress=progress, layout=layout, external=external, image_col=image_col,
-                         label_col=label_col, group_col=group_col, lesion_col=lesion_col, patient_col=patient_col)
+                         label_col=label_col, group_col=group_col, lesion_col=lesion_col, patient_col=patient_col,
+                         near_duplicate_threshold=near_duplicate_threshold)
+    overlap = None
+    if report.manifest.get("external") is True:  # the sets a model evaluated here may have been trained on
+        from dermcam.data.overlap import store_overlap
+
+        overlap = store_overlap(report.name).to_dict()
     if json_out:
-        print_json(report.to_dict())
+        print_json(report.to_dict() if overlap is None else {**report.to_dict(), "overlap": overlap})
     else:
         views.prepare_report(report)
         _print_source(report.manifest)
+        if overlap is not None:
+            views.store_overlap_lines(overlap)
     if any(p.action == "skipped" for p in report.problems):
         raise typer.Exit(int(ExitCode.PARTIAL))
 
@@ -152,6 +185,48 @@ def show_command(name: str = typer.Argument(..., help="Data set name (see dermca
     console.print(f"Seed {m['seed']}, fractions {m['fractions']}, max per class {m['max_per_class']}", highlight=False)
     _print_source(m)
     views.dataset_summary(m, dataset.path)
+
+
+@data_app.command("duplicates")
+@handle_errors
+def duplicates_command(name: str = typer.Argument(..., help="Data set name (see dermcam data list)."),
+                       all_clusters: bool = typer.Option(False, "--all", help="Also list clusters within one "
+                                                         "lesion id (several photos of one lesion: expected)."),
+                       json_out: bool = JSON_OPTION) -> None:
+    """List near-duplicate clusters: one photograph under several lesion ids (kept on one side of the
+    split by prepare); a cluster whose images carry different labels is a label conflict."""
+    from dermcam.data.dataset import load_prepared
+    from dermcam.data.near_duplicates import duplicate_clusters
+
+    result = duplicate_clusters(load_prepared(name), include_same_lesion=all_clusters)
+    if json_out:
+        print_json(result)
+        return
+    views.duplicates_report(result)
+
+
+@data_app.command("overlap")
+@handle_errors
+def overlap_command(a: str = typer.Argument(..., help="Data set whose images are looked up (see dermcam data list)."),
+                    b: str = typer.Argument(..., help="Data set they are looked up in."),
+                    threshold: float = typer.Option(OVERLAP_THRESHOLD, "--threshold",
+                                                    help="Fingerprint distance under which two images are copies "
+                                                         "(0 to 0.2; 0: byte-identical copies only)."),
+                    json_out: bool = JSON_OPTION) -> None:
+    """List the images of A that are copies of images of B: the same file, or the same photograph
+    re-encoded, resized, cropped, flipped or rotated (near-duplicate fingerprints).
+
+    A model trained on B and evaluated on A leaves these out (dermcam evaluate --keep-overlap keeps them).
+    """
+    from dermcam.data.dataset import load_prepared
+    from dermcam.data.overlap import check_overlap_threshold, find_overlap
+
+    threshold = check_overlap_threshold(threshold, "--threshold")
+    result = find_overlap(load_prepared(a), load_prepared(b), threshold).to_dict()
+    if json_out:
+        print_json(result)
+        return
+    views.overlap_report(result)
 
 
 @data_app.command("synthetic")

@@ -10,6 +10,7 @@ import typer
 from dermcam.checks import MAX_BATCH_SIZE, SEED_MAX, check_output_dir
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, handle_errors, show_result
+from dermcam.data.overlap import OVERLAP_THRESHOLD
 from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 
 
@@ -32,6 +33,13 @@ def evaluate_command(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model: slower start, faster "
                                                           "passes; worth it for large sets (falls back to "
                                                           "eager with a warning)."),
+    keep_overlap: bool = typer.Option(False, "--keep-overlap",
+                                      help="Score images that are copies of training images too (default: on "
+                                           "a set other than the training set they are left out and listed in "
+                                           "overlap.csv)."),
+    overlap_threshold: float = typer.Option(OVERLAP_THRESHOLD, "--overlap-threshold",
+                                            help="Fingerprint distance under which an image counts as a copy of "
+                                                 "a training image (0 to 0.2; 0: byte-identical copies only)."),
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -39,7 +47,8 @@ def evaluate_command(
     each with a 95% bootstrap interval over lesions, plus subgroups (sex, age, site, source) when recorded.
 
     With --data OTHER this is external validation: the model's classes are matched by name, images of
-    other classes are counted and left out.
+    other classes are counted and left out, and so are images that are copies of the model's training
+    images (byte-identical or near-duplicate; listed in overlap.csv; --keep-overlap scores them).
 
     Probabilities are calibrated when the checkpoint is (ECE, Brier and NLL before and after are
     reported); with an operating point its sensitivity and specificity are reported too. --out also
@@ -53,8 +62,8 @@ def evaluate_command(
     with rich_progress() as progress:
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
                           batch_size=batch_size, resamples=resamples, seed=seed, calibrated=not no_calibration,
-                          compile=compile, out_dir=out,
-                          progress=progress)
+                          compile=compile, keep_overlap=keep_overlap, overlap_threshold=overlap_threshold,
+                          out_dir=out, progress=progress)
         if out is not None:
             from dermcam.report.build import write_html_report
 

@@ -115,6 +115,14 @@ def dataset_summary(manifest: dict[str, Any], path: Path) -> None:
     verdict = "[green]OK[/]" if not any(leakage.values()) else "[bold red]LEAK[/]"
     console.print("Leakage audit (lesions shared): "
                   + ", ".join(f"{pair} {n}" for pair, n in leakage.items()) + f"  {verdict}")
+    near = manifest.get("near_duplicates")
+    if isinstance(near, dict):
+        console.print(near_duplicates_line(near), highlight=False)
+    else:
+        from dermcam.data.dataset import prepare_command
+
+        console.print("Near-duplicates: not searched (prepared before they existed); to search them: "
+                      + prepare_command(manifest, str(manifest.get("name", path.name))), highlight=False, markup=False)
     if manifest["problems"]:
         problems = Table(title="Problems found in the source", title_justify="left")
         for column in ("kind", "action", "count"):
@@ -130,6 +138,50 @@ def dataset_summary(manifest: dict[str, Any], path: Path) -> None:
     size = (path / cache["file"]).stat().st_size if (path / cache["file"]).exists() else 0
     console.print(f"Cache: {cache['file']} {size / 1e6:.1f} MB, {cache['width']}x{cache['height']} "
                   f"{cache['dtype']} {cache['layout']}; fingerprint {manifest['fingerprint'][:12]}", highlight=False)
+
+
+def near_duplicates_line(near: dict[str, Any]) -> str:
+    """The manifest's ``near_duplicates`` counts in one line (prepare, data show, data duplicates)."""
+    if not near.get("threshold"):
+        return "Near-duplicates: not grouped (--duplicate-threshold 0)"
+
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
+    return (f"Near-duplicates: {count(near['pairs'], 'pair')} in {count(near['clusters'], 'cluster')} "
+            f"({near['cross_lesion_clusters']} across lesion ids, {count(near['label_conflicts'], 'label conflict')}), "
+            "kept on one side")
+
+
+def duplicates_report(result: dict[str, Any]) -> None:
+    """``dermcam data duplicates``: the counts, then one row per cluster and one line per image in it
+    (image, lesion id, label), so nothing is cut at 80 columns."""
+    from rich.markup import escape
+
+    summary, clusters = result["summary"], result["clusters"]
+    console.print(near_duplicates_line(summary) + f"; threshold {summary['threshold']}", highlight=False)
+    if not clusters:
+        what = "near-duplicate clusters" if result["all"] else "clusters across lesion ids (--all lists the others)"
+        console.print(f"No {what} in {result['name']}.", highlight=False, markup=False)
+        return
+    kind = "Near-duplicate clusters" if result["all"] else "Near-duplicate clusters across lesion ids"
+    table = Table(title=f"{kind} in {escape(result['name'])}", title_justify="left", box=None,
+                  header_style="bold underline", padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for header, justify in (("#", "right"), ("image", "left"), ("lesion", "left"), ("label", "left"),
+                            ("split", "left"), ("dist.", "right"), ("note", "left")):
+        table.add_column(header, justify=justify, no_wrap=header != "note")  # type: ignore[arg-type]
+    for cluster in clusters:
+        images = cluster["images"]
+        notes = (["[bold red]label conflict[/]"] if cluster["conflict"] else []) + (
+            [] if cluster["cross_lesion"] else ["[dim]one lesion[/]"])
+        table.add_row(str(cluster["cluster"]), escape("\n".join(i["image_id"] for i in images)),
+                      escape("\n".join(i["lesion_id"] or "-" for i in images)),
+                      escape("\n".join(i["dx"] for i in images)),
+                      cluster["split"], f"{cluster['max_distance']:.3f}", "\n".join(notes))
+    console.print(table)
+    console.print("dist.: the cluster's largest fingerprint distance (0: the same pixels). Near the threshold "
+                  "most pairs of real photos are look-alikes, not copies: look at them before relabelling.\n"
+                  f"Pairs: {result['path']}/{summary['file']}", highlight=False, markup=False)
 
 
 def prepare_report(report: Any) -> None:
@@ -382,6 +434,8 @@ def evaluation(result: Any) -> None:
                   f"accuracy {format_value(metrics['accuracy'])}")
     if result.scored_classes and len(result.scored_classes) < len(result.classes):
         console.print(f"Scored on the classes this set has: {', '.join(result.scored_classes)}", highlight=False)
+    if getattr(result, "overlap", None) and result.overlap.get("compared_with"):
+        console.print(evaluation_overlap_line(result.overlap, result.report_dir), highlight=False, markup=False)
     if metrics.get("calibration"):
         console.print(calibration_line(metrics["calibration"]), highlight=False)
     if metrics.get("operating_point"):
@@ -612,3 +666,68 @@ def ensemble_details(info: dict[str, Any]) -> None:
                       f"{point['threshold']:.3f}", highlight=False)
     if info["problem"]:
         console.print(f"[red]Does not load:[/] {info['problem']}", highlight=False, soft_wrap=True)
+
+
+def _splits_text(by_split: dict[str, int]) -> str:
+    """``train 10, val 2`` (splits with a match only)."""
+    return ", ".join(f"{split} {n}" for split, n in by_split.items() if n)
+
+
+def evaluation_overlap_line(overlap: dict[str, Any], folder: Path | None) -> str:
+    """``dermcam evaluate``: how many scored images are copies of training images, and what was done."""
+    sets = " and ".join(f"'{n}'" for n in overlap["compared_with"])
+    head = f"Overlap with training set {sets} (threshold {overlap['threshold']:g}): "
+    if not overlap["images"]:
+        return head + "none of the images evaluated is a copy of a training image"
+    found = (f"{overlap['images']} of {overlap['compared']} images are copies of training images "
+             f"({overlap['exact']} byte-identical; in its {_splits_text(overlap['by_split'])})")
+    listed = f" (list: {overlap['file']})" if folder is not None and overlap.get("file") else ""
+    if overlap["kept"]:
+        return head + found + ", kept in the metrics (--keep-overlap)" + listed
+    return head + found + ", left out of every metric" + listed + "; --keep-overlap scores them"
+
+
+def overlap_report(overlap: dict[str, Any], limit: int = 50) -> None:
+    """``dermcam data overlap A B``: the counts, then one row per pair (the first ``limit``)."""
+    from rich.markup import escape
+
+    head = (f"{overlap['images']} of {overlap['compared']} images of {overlap['name']} have a copy in "
+            f"{overlap['other']} ({overlap['exact']} byte-identical; threshold {overlap['threshold']:g})")
+    console.print(head + (f"; by split of {overlap['other']}: {_splits_text(overlap['by_split'])}"
+                          if overlap["images"] else ""), highlight=False, markup=False)
+    if overlap["mostly"]:
+        console.print(f"Most of {overlap['name']} is in {overlap['other']}: a model trained on {overlap['other']} "
+                      f"and evaluated on {overlap['name']} is mostly scored on its own training images.",
+                      highlight=False, markup=False)
+    pairs = overlap["pairs"]
+    if not pairs:
+        return
+    table = Table(box=None, header_style="bold underline", padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for header, justify in ((f"image ({overlap['name']})", "left"), ("label", "left"), ("split", "left"),
+                            (f"copy in {overlap['other']}", "left"), ("label", "left"), ("split", "left"),
+                            ("dist.", "right")):
+        table.add_column(escape(header), justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for pair in pairs[:limit]:
+        table.add_row(*(escape(str(pair[k])) for k in ("image_id", "dx", "split", "matched_image_id", "matched_dx",
+                                                       "matched_split")),
+                      "same file" if pair["exact"] else f"{pair['distance']:.3f}")
+    console.print(table)
+    more = f"{len(pairs) - limit} more pairs: --json lists them all. " if len(pairs) > limit else ""
+    console.print(f"{more}dist.: fingerprint distance (0: the same pixels); near the threshold some pairs are "
+                  "look-alikes, not copies (docs/evaluation.md).", highlight=False, markup=False)
+
+
+def store_overlap_lines(result: dict[str, Any]) -> None:
+    """After ``prepare --external``: one line per set of the store it overlaps, and per set not compared."""
+    overlapping = result["overlaps"]
+    for o in overlapping:
+        console.print(f"Overlap: {o['images']} of {o['compared']} images of {result['name']} are in {o['other']} "
+                      f"({o['exact']} byte-identical; {_splits_text(o['by_split'])}): evaluate a model trained on "
+                      f"{o['other']} here and they are left out (list: dermcam data overlap {result['name']} "
+                      f"{o['other']})" + ("; most of this set is in it" if o["mostly"] else ""),
+                      highlight=False, markup=False)
+    if result["compared"] and not overlapping:
+        console.print(f"Overlap: none with {', '.join(result['compared'])} (threshold {result['threshold']:g})",
+                      highlight=False, markup=False)
+    for name, why in result["unchecked"].items():
+        console.print(f"Overlap with {name} not checked: {why}", highlight=False, markup=False)

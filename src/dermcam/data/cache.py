@@ -124,11 +124,12 @@ class CacheResult:
     fingerprints: np.ndarray
 
 
-def _fill_cache(cache: np.ndarray, fingerprints: np.ndarray, table: pd.DataFrame, src: Path, old: _Previous,
-                size: tuple[int, int], workers: int, progress: Progress) -> tuple[np.ndarray, list[Problem], int]:
-    """Write every row's image into ``cache`` and its fingerprint into ``fingerprints``: copied from
-    ``old`` when its sha256 is known there, decoded otherwise. Returns which rows succeeded, the
-    problems found, and the rows reused."""
+def _fill_cache(cache: np.ndarray, fingerprints: np.ndarray, table: pd.DataFrame, files: Sequence[Path],
+                old: _Previous, size: tuple[int, int], workers: int,
+                progress: Progress) -> tuple[np.ndarray, list[Problem], int]:
+    """Write every row's image (from ``files``) into ``cache`` and its fingerprint into ``fingerprints``:
+    copied from ``old`` when its sha256 is known there, decoded otherwise. Returns which rows succeeded,
+    the problems found, and the rows reused."""
     ok = np.ones(len(table), dtype=bool)
     problems: list[Problem] = []
     todo: list[int] = []
@@ -136,7 +137,7 @@ def _fill_cache(cache: np.ndarray, fingerprints: np.ndarray, table: pd.DataFrame
         if old.images is not None and old.fingerprints is not None and sha in old.rows:
             cache[i] = old.images[old.rows[sha]]
             fingerprints[i] = old.fingerprints[old.rows[sha]]
-            note = conversion_note_of(src / source)  # report the conversion again
+            note = conversion_note_of(files[i])  # report the conversion again
             if note:
                 problems.append(Problem(source, image_id, "converted", note))
         else:
@@ -146,7 +147,7 @@ def _fill_cache(cache: np.ndarray, fingerprints: np.ndarray, table: pd.DataFrame
 
     def decode(i: int) -> tuple[int, str | None, ImageDecodeError | None]:
         try:
-            cache[i], note, fingerprints[i] = decode_with_fingerprint(src / sources[i], size)
+            cache[i], note, fingerprints[i] = decode_with_fingerprint(files[i], size)
             return i, note, None
         except ImageDecodeError as exc:
             return i, None, exc
@@ -162,23 +163,42 @@ def _fill_cache(cache: np.ndarray, fingerprints: np.ndarray, table: pd.DataFrame
 
 
 def write_cache(path: Path, table: pd.DataFrame, src: Path, target: Path, size: tuple[int, int],
-                workers: int, progress: Progress) -> CacheResult:
+                workers: int, progress: Progress, files: Sequence[Path] | None = None) -> CacheResult:
     """Build ``images.npy`` at ``path`` and ``fingerprints.npy`` beside it for ``table``'s rows; rows
     that fail to decode are dropped from both. ``target`` is the set's folder, whose previous version
-    lends its rows."""
+    lends its rows. ``files``: each row's image file (default: ``src`` / its ``source``; a set of
+    several sources has no one folder its rows are relative to)."""
     old = _previous_rows(target, size)
+    files = [src / s for s in table["source"]] if files is None else list(files)
     fingerprints = np.zeros((len(table), *SHAPE), dtype=DTYPE)
     with atomic_path(path) as tmp:
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(table), size[1], size[0], 3))
-        ok, problems, reused = _fill_cache(cache, fingerprints, table, src, old, size, workers, progress)
+        ok, problems, reused = _fill_cache(cache, fingerprints, table, files, old, size, workers, progress)
         cache.flush()
         del cache
     if not ok.all():
         _compact(path, np.flatnonzero(ok))
     fingerprints = fingerprints[ok]
-    with atomic_path(path.parent / FINGERPRINT_FILE) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, fingerprints, allow_pickle=False)
+    _save_fingerprints(path.parent, fingerprints)
     return CacheResult(ok, problems, reused, fingerprints)
+
+
+def _save_fingerprints(folder: Path, fingerprints: np.ndarray) -> None:
+    with atomic_path(folder / FINGERPRINT_FILE) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, fingerprints, allow_pickle=False)
+
+
+def keep_rows(path: Path, fingerprints: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Keep only the rows ``keep`` (positions) of the cache at ``path`` and of ``fingerprints`` (both
+    rewritten); returns the fingerprints kept. For rows found to be copies only after decoding (a
+    near-duplicate from another source, :mod:`dermcam.data.prepare`)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    if len(keep) == len(fingerprints):
+        return fingerprints
+    _compact(path, keep)
+    fingerprints = fingerprints[keep]
+    _save_fingerprints(path.parent, fingerprints)
+    return fingerprints
 
 
 def _compact(path: Path, keep: np.ndarray, chunk: int = 256) -> None:

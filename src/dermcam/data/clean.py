@@ -4,28 +4,14 @@ ids, and matching each row to its image file. Every row dropped or repaired is a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from dermcam.data.classes import UNKNOWN_LABELS, choose_classes, is_plain_name, normalise_class
+from dermcam.data.classes import UNKNOWN_LABELS, is_plain_name, normalise_class
 from dermcam.data.problems import Problem
 from dermcam.data.sources.common import COLUMNS, is_file
 from dermcam.store.files import sha256_file
-
-
-@dataclass
-class CleanRows:
-    table: pd.DataFrame  # rows of the chosen classes
-    problems: list[Problem]
-    classes: list[str]  # label order
-    classes_from: str  # "option", "default" (nv, bkl, mel) or "found" (every class of the source)
-    other_classes: dict[str, int]  # images of the classes left out, by class
-
-    @property
-    def excluded(self) -> int:
-        return sum(self.other_classes.values())
 
 
 def _places(wheres: list[str]) -> str:
@@ -66,13 +52,10 @@ def _duplicates(table: pd.DataFrame, label: str) -> tuple[pd.Series, list[Proble
     return keep, problems
 
 
-def clean_rows(table: pd.DataFrame, label: str, requested: list[str] | None, lesion_ids: bool) -> CleanRows:
-    """Drop or repair bad rows and keep the chosen classes (``requested`` None: the default choice).
-
-    ``label``: the file named in the problems (the metadata CSV; empty: each row's own image file).
-    ``lesion_ids``: the source records lesions, so a row without one is reported (it is then grouped
-    by its patient, or is a group of its own).
-    """
+def drop_bad_rows(table: pd.DataFrame, label: str) -> tuple[pd.DataFrame, list[Problem]]:
+    """The rows with an image id and a usable label, each image once (class names normalised), and the
+    problems of the rows dropped or merged. Several sources are cleaned one by one with this before
+    the classes are chosen over all of them (:func:`keep_classes`)."""
     problems: list[Problem] = []
     no_id = table["image_id"] == ""
     problems += [Problem(label, "", "missing_image_id", w) for w in table.loc[no_id, "where"]]
@@ -81,18 +64,22 @@ def clean_rows(table: pd.DataFrame, label: str, requested: list[str] | None, les
     problems += found
     table = table[~bad]
     keep, found = _duplicates(table, label)
-    problems += found
-    table = table[keep]
+    return table[keep], problems + found
 
-    classes, classes_from = choose_classes(requested, table["dx"])
+
+def keep_classes(table: pd.DataFrame, classes: list[str], label: str,
+                 lesion_ids: bool) -> tuple[pd.DataFrame, list[Problem], dict[str, int]]:
+    """The rows of ``classes``, the missing-lesion-id problems among them (when the source records
+    lesions) and the images of the other classes, by class."""
     chosen = table["dx"].isin(classes)
     other = table.loc[~chosen, "dx"].value_counts()
     table = table[chosen].copy()
+    problems = []
     if lesion_ids:
         for r in table[table["lesion_id"] == ""].itertuples():
             effect = f"grouped by patient {r.patient_id}" if r.patient_id else "treated as its own lesion"
             problems.append(Problem(label or r.source, r.image_id, "missing_lesion_id", f"{r.where}: {effect}"))
-    return CleanRows(table, problems, classes, classes_from, {c: int(other[c]) for c in sorted(other.index)})
+    return table, problems, {c: int(other[c]) for c in sorted(other.index)}
 
 
 def match_files(table: pd.DataFrame, files: dict[str, list[str]], listed: set[str],

@@ -86,9 +86,12 @@ class PreparedDataset:
 def prepare_command(manifest: dict[str, Any], name: str) -> str:
     """See :meth:`PreparedDataset.prepare_command`; quoted for a POSIX shell."""
     m = manifest
-    words = ["dermcam", "prepare", str(m.get("source") or "SRC"), "--name", name]
-    if not str(m.get("layout_detail", "detected")).startswith("detected") and m.get("layout"):
-        words += ["--layout", str(m["layout"])]
+    several = m.get("sources") if isinstance(m.get("sources"), list) else []  # a set of several sources
+    paths = [str(s.get("path") or "SRC") for s in several if isinstance(s, dict)] or [str(m.get("source") or "SRC")]
+    words = ["dermcam", "prepare", *paths, "--name", name]
+    first = several[0] if several and isinstance(several[0], dict) else m
+    if not str(first.get("layout_detail", "detected")).startswith("detected") and first.get("layout"):
+        words += ["--layout", str(first["layout"])]
     if m.get("classes_from") == "option":
         words += ["--classes", ",".join(map(str, m.get("classes", [])))]
     if m.get("seed", 0) != 0:

@@ -26,6 +26,10 @@ PROBLEM_ACTIONS: dict[str, str] = {
     "truncated": "skipped",
     "too_large": "skipped",  # header dimensions over the pixel cap: refused before decoding
     "converted": "fixed",  # grayscale, RGBA, CMYK, palette, 16-bit...: converted to 8-bit RGB
+    # several sources in one set (dermcam.data.prepare): an image found in two sources counts once
+    # the same file, or a near-duplicate, in an earlier source: counted once (like listed_twice)
+    "duplicate_across_sources": "fixed",
+    "conflicting_labels": "skipped",  # the same file in two sources under different labels: every copy left out
 }
 
 

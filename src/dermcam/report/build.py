@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dermcam.checks import check_output_dir
+from dermcam.data.overlap import OVERLAP_THRESHOLD
 from dermcam.errors import BadInputError, DermcamError, NotFoundError
 from dermcam.progress import Progress
 from dermcam.report.sections import FIGURE_FILES, ReportInputs, render
@@ -148,8 +149,13 @@ def _is_current(out_dir: Path, sidecar: dict[str, Any], dataset: str | None, spl
     except DermcamError:
         return False
     calibration = saved.get("calibration") or {}
+    # On another set than the training set, the evaluation must have checked the overlap as evaluate does by
+    # default: an older folder (no check) or one with --keep-overlap / another threshold is evaluated again.
+    overlap = saved.get("overlap")
+    default_overlap = (overlap is None and saved.get("dataset") == saved.get("trained_on")) or (
+        isinstance(overlap, dict) and not overlap.get("kept") and overlap.get("threshold") == OVERLAP_THRESHOLD)
     newer = all((out_dir / "metrics.json").stat().st_mtime >= p.stat().st_mtime
                 for p in [*sources, data.path / "manifest.json"])
     return (newer and saved.get("checkpoint") == sidecar["id"] and saved.get("dataset") == data.name
             and saved.get("split") == split and saved.get("tta") is False
-            and calibration.get("applied") == bool(sidecar.get("calibration")))
+            and calibration.get("applied") == bool(sidecar.get("calibration")) and default_overlap)

@@ -97,6 +97,11 @@ def summary(inputs: ReportInputs) -> Section:
     if scored and len(scored) < len(inputs.classes):
         notes.append(paragraph(f"This set has only some of the model's classes: balanced accuracy and macro F1 "
                                f"average over {', '.join(scored)}."))
+    overlap = m.get("overlap") or {}
+    if overlap.get("images"):
+        notes.append(paragraph(f"{overlap['images']} of the evaluated images are copies of training images: "
+                               + ("kept in these numbers (--keep-overlap)." if overlap.get("kept") else
+                                  "left out of these numbers (see Data).")))
     return Section("summary", "Summary", tag("div", DISCLAIMER, class_="warning"),
                    tag("div", *boxes, class_="headline"),
                    *notes)
@@ -126,8 +131,33 @@ def _grouping(manifest: dict[str, Any]) -> str:
             + ": no group is on two sides of a split, and the bootstrap resamples whole groups.")
 
 
+def overlap_text(overlap: dict[str, Any] | None) -> str:
+    """What the evaluation found and did about images that are copies of training images ('' when the
+    evaluated set is the training set, or the evaluation predates the check)."""
+    if not overlap or not (overlap.get("compared_with") or overlap.get("unchecked")):
+        return ""
+    sets = " and ".join(overlap.get("compared_with") or [])
+    unchecked = "; ".join(f"{name} not checked: {why}" for name, why in (overlap.get("unchecked") or {}).items())
+    if not sets:
+        return f"Overlap with the training set: {unchecked}."
+    found = overlap.get("images", 0)
+    text = f"Overlap with the training set {sets} (fingerprint threshold {overlap.get('threshold')}): "
+    if not found:
+        text += "no evaluated image is a copy of a training image."
+    else:
+        splits = ", ".join(f"{s} {n}" for s, n in (overlap.get("by_split") or {}).items() if n)
+        text += (f"{found} of {overlap.get('compared')} images are copies of training images "
+                 f"({overlap.get('exact', 0)} byte-identical; in its {splits}), "
+                 + ("kept in every metric (--keep-overlap): they measure what the model has seen."
+                    if overlap.get("kept") else "left out of every metric here; they are listed in overlap.csv."))
+        if overlap.get("mostly"):
+            text += " Most of this set is in the training set: as external validation it says little."
+    return text + (f" {unchecked}." if unchecked else "")
+
+
 def data(inputs: ReportInputs) -> Section:
-    """Which sets, how many images of each class in each split, how they are grouped, what was left out."""
+    """Which sets, how many images of each class in each split, how they are grouped, what was left out
+    (classes the model does not know; copies of training images)."""
     m = inputs.metrics
     sets = table(
         ["", "data set", "split", "layout", "images"],
@@ -138,6 +168,9 @@ def data(inputs: ReportInputs) -> Section:
                     "images of each of the model's classes in the evaluated split")
     left_out = (paragraph("Left out (classes the model does not know): "
                           + ", ".join(f"{c} ({n})" for c, n in m["left_out"].items())) if m.get("left_out") else "")
+    overlap = overlap_text(m.get("overlap"))
+    overlap_note = paragraph(overlap, class_="warning" if (m.get("overlap") or {}).get("mostly") else None) \
+        if overlap else ""
     splits: list[object] = []
     for title, manifest in (("evaluated", inputs.evaluated), ("training", inputs.training)):
         if manifest is None:
@@ -147,7 +180,7 @@ def data(inputs: ReportInputs) -> Section:
             external = " (prepared with --external: evaluation only)" if manifest.get("external") else ""
             splits += [tag("h3", f"{manifest['name']}{external}: images per split"),
                        _counts_table(manifest, _grouping(manifest))]
-    return Section("data", "Data", columns(join([sets, support, left_out]), join(splits)))
+    return Section("data", "Data", columns(join([sets, support, left_out, overlap_note]), join(splits)))
 
 
 def _config_value(value: Any) -> str:
