@@ -60,3 +60,22 @@ def test_the_duplicates_benchmark_runs_every_method_in_smoke_mode(tmp_path: Path
         assert 0.0 <= row["min_recall"] <= 1.0 and row["images/s"] > 0 and row["worst_kind"], row
     assert not list(tmp_path.iterdir())
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def test_the_serve_benchmark_runs_both_configurations_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/bench_serve.py with a tiny model, 2 clients x 3 requests: real servers start, answer without
+    errors, form batches only when allowed to, and stop on Ctrl-C; it writes no results."""
+    script = BENCH.parent / "bench_serve.py"
+    results = BENCH.parent / "results" / "serve.json"
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["config"] for r in record["rows"]] == ["batched", "unbatched"]
+    for row in record["rows"]:
+        assert row["errors"] == 0 and row["requests"] == 6 and row["exit_code"] == 130, row
+        assert row["idle_p50_ms"] > 0 and row["load_img_s"] > 0, row
+    assert record["rows"][1]["largest_batch"] == 1 and record["cpu_model"] and "load average" in record["uptime_before"]
+    assert not list(tmp_path.iterdir())
+    assert (results.read_bytes() if results.exists() else None) == before

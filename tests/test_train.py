@@ -57,7 +57,7 @@ def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: P
     [result] = run_json(runner, ["train", *args, "--image-size", "64x48", "--epochs", "1", "--json"])
     sidecar = json.loads((Path(result["run_dir"]) / "epoch-0000.json").read_text())
     assert sidecar["preprocessing"]["input_size"] == [3, 48, 64]
-    image = next((home / "datasets").rglob("*.npy"))
+    image = next((home / "datasets").rglob("images.npy"))
     from PIL import Image
 
     frame = Image.fromarray(np.load(image, mmap_mode="r")[0].copy())

@@ -108,7 +108,7 @@ def export_cmd(
                                                ".safetensors (or .onnx; an ensemble: ./dermcam-ensemble-<name>...)"),
     fmt: str = typer.Option("safetensors", "--format", "-f", metavar="safetensors|onnx",
                             help="safetensors: weights + metadata for timm/dermcam. onnx: one graph for ONNX Runtime "
-                                 "(resize, normalisation and calibration inside; needs dermcam[onnx])."),
+                                 "(resize, normalisation and calibration inside; needs dermcam\\[onnx])."),
     half: bool = typer.Option(False, "--half", help="Store float16 weights (half the size; safetensors only)."),
     bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size, float32's range; safetensors only)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
