@@ -13,6 +13,19 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 
+def run_smoke(script: str, results_file: str, cwd: Path) -> object:
+    """Run ``benchmarks/<script> --smoke`` in ``cwd``: it must exit 0, leave ``cwd`` empty and leave its
+    results file in benchmarks/results as it was. Returns the JSON of its last stdout line."""
+    results = BENCH.parent / "results" / results_file
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run([sys.executable, str(BENCH.parent / script), "--smoke"], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(cwd.iterdir())
+    assert (results.read_bytes() if results.exists() else None) == before
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_bench_gpu_runs_every_step_on_the_cpu_in_smoke_mode(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--no-compile"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600, check=False)
@@ -48,34 +61,18 @@ def test_the_prepared_gpu_session_runs_on_the_cpu_in_smoke_mode(tmp_path: Path) 
 def test_the_duplicates_benchmark_runs_every_method_in_smoke_mode(tmp_path: Path) -> None:
     """benchmarks/bench_duplicates.py on a few synthetic images: planting, every method (the CNN with a
     tiny random model), the threshold choice; it writes no results."""
-    script = BENCH.parent / "bench_duplicates.py"
-    results = BENCH.parent / "results" / "duplicates.json"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_smoke("bench_duplicates.py", "duplicates.json", tmp_path)
     assert [r["method"].split()[0] for r in rows] == ["dermcam"] * 3 + ["pHash"] * 3 + ["test_efficientnet"]
     for row in rows:
         assert 0.0 <= row["min_recall"] <= 1.0 and row["images/s"] > 0 and row["worst_kind"], row
-    assert not list(tmp_path.iterdir())
-    assert (results.read_bytes() if results.exists() else None) == before
 
 
 def test_the_serve_benchmark_runs_both_configurations_in_smoke_mode(tmp_path: Path) -> None:
     """benchmarks/bench_serve.py with a tiny model, 2 clients x 3 requests: real servers start, answer without
     errors, form batches only when allowed to, and stop on Ctrl-C; it writes no results."""
-    script = BENCH.parent / "bench_serve.py"
-    results = BENCH.parent / "results" / "serve.json"
-    before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = run_smoke("bench_serve.py", "serve.json", tmp_path)
     assert [r["config"] for r in record["rows"]] == ["batched", "unbatched"]
     for row in record["rows"]:
         assert row["errors"] == 0 and row["requests"] == 6 and row["exit_code"] == 130, row
         assert row["idle_p50_ms"] > 0 and row["load_img_s"] > 0, row
     assert record["rows"][1]["largest_batch"] == 1 and record["cpu_model"] and "load average" in record["uptime_before"]
-    assert not list(tmp_path.iterdir())
-    assert (results.read_bytes() if results.exists() else None) == before
