@@ -48,6 +48,31 @@ def check_int(value: object, option: str, low: int | None = None, high: int | No
     return int(value)
 
 
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity where the system tells it, else all): what
+    ``--threads`` is measured against."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(value: object, option: str = "--threads") -> int | str:
+    """``auto`` or a whole number from 1 to 4x the cores (more threads than that only wait on each
+    other): the value of ``--threads`` for serve, explain, evaluate and train, checked before any work.
+    A string of digits (from a config or a script) counts as the number it spells."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    high = 4 * cpu_count()
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)) or not 1 <= value <= high:
+        raise BadInputError(f"{option} must be auto or {describe_range(1, high)}, not {shown(value)}")
+    return int(value)
+
+
 def check_text(value: str, option: str) -> str:
     """A value that names something (a device, a layer, a checkpoint, a file): refused when it is empty or
     blank (an empty path is the current folder, an empty reference would fall back to a default) or when

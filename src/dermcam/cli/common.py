@@ -79,6 +79,19 @@ def show_result(result: Any, json_output: bool, render: Callable[[Any], None]) -
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 
+def threads_option(default: str | None = "auto") -> Any:
+    """``--threads N|auto``, the one definition serve, explain, evaluate and train share (checked by
+    :func:`dermcam.checks.check_threads` in the library, before any work). ``default=None``: torch's own
+    count unless given (train: see docs/training.md)."""
+    what = ("auto (default): the cores not already busy" if default == "auto"
+            else "auto: the cores not already busy. Default: torch's own (one per core)")
+    return typer.Option(default, "--threads", metavar="N|auto",
+                        help=f"Torch CPU threads: a number, or {what} (cores minus the 1-minute load average, at "
+                             "least 1), so that work sharing the machine does not slow both down.")
+
+
+THREADS_OPTION = threads_option()
+
 NO_CALIBRATION_OPTION = typer.Option(False, "--no-calibration",
                                      help="Show the model's raw softmax probabilities and argmax decisions, "
                                           "ignoring the checkpoint's calibration and operating point.")

@@ -9,7 +9,7 @@ import typer
 
 from dermcam.checks import MAX_BATCH_SIZE, SEED_MAX, check_output_dir
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, handle_errors, show_result
+from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, THREADS_OPTION, handle_errors, show_result
 from dermcam.data.overlap import OVERLAP_THRESHOLD
 from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 
@@ -40,6 +40,7 @@ def evaluate_command(
     overlap_threshold: float = typer.Option(OVERLAP_THRESHOLD, "--overlap-threshold",
                                             help="Fingerprint distance under which an image counts as a copy of "
                                                  "a training image (0 to 0.2; 0: byte-identical copies only)."),
+    threads: str = THREADS_OPTION,
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -63,7 +64,7 @@ def evaluate_command(
         result = evaluate(checkpoint, split=split, dataset=data, tta=tta, device=device, precision=precision,
                           batch_size=batch_size, resamples=resamples, seed=seed, calibrated=not no_calibration,
                           compile=compile, keep_overlap=keep_overlap, overlap_threshold=overlap_threshold,
-                          out_dir=out, progress=progress)
+                          out_dir=out, threads=threads, progress=progress)
         if out is not None:
             from dermcam.report.build import write_html_report
 

@@ -12,6 +12,7 @@ from dermcam.cli import views
 from dermcam.cli.common import (
     JSON_OPTION,
     NO_CALIBRATION_OPTION,
+    THREADS_OPTION,
     console,
     handle_errors,
     print_error,
@@ -48,6 +49,7 @@ def explain_command(
     csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N. Maps are computed in fp32."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward/backward pass."),
+    threads: str = THREADS_OPTION,
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -72,7 +74,8 @@ def explain_command(
     with rich_progress(enabled=not json_out) as progress:
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
                          target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
-                         calibrated=not no_calibration, device=device, batch_size=batch_size, progress=progress)
+                         calibrated=not no_calibration, device=device, batch_size=batch_size, threads=threads,
+                         progress=progress)
     if csv_path is not None:
         write_csv(report, csv_path)
     show_warnings(report.warnings)

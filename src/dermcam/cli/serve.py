@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dermcam.cli.common import console, handle_errors, show_warnings
+from dermcam.cli.common import THREADS_OPTION, console, handle_errors, show_warnings
 from dermcam.serve import require_extra
 from dermcam.serve import settings as s
 
@@ -33,9 +33,7 @@ def serve_command(
                                       help="Largest request body; larger ones get 413 while they are read."),
     max_files: int = typer.Option(s.DEFAULT_MAX_FILES, "--max-files", min=1, max=s.MAX_FILES,
                                   help="Most images in one request."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=s.MAX_THREADS, metavar="N",
-                                          help="Torch threads for the model (default: one per core). Fewer "
-                                               "when other work shares the CPU."),
+    threads: str = THREADS_OPTION,
 ) -> None:
     """Serve a model: a web page to drop images on, and an HTTP API (POST /v1/predict) for other software.
 

@@ -14,7 +14,7 @@ import typer
 
 from dermcam.checks import MAX_BATCH_SIZE, MAX_EPOCHS, SEED_MAX
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, handle_errors, print_json
+from dermcam.cli.common import JSON_OPTION, handle_errors, print_json, threads_option
 from dermcam.train.config import TrainConfig
 
 D = TrainConfig()  # the defaults, quoted in the help below
@@ -96,6 +96,7 @@ def train_command(
     ensemble: Optional[str] = typer.Option(None, "--ensemble", metavar="NAME",
                                            help="When several runs are compared: store their best ensemble (greedy "
                                                 "selection on validation) as NAME; see dermcam ensemble."),
+    threads: Optional[str] = threads_option(None),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Fine-tune an ImageNet-pretrained backbone on a prepared data set.
@@ -126,7 +127,8 @@ def train_command(
     with rich_progress() as progress:
         results = train_configurations({k: v for k, v in given.items() if v is not None},
                                        grid={k: v for k, v in grid.items() if v}, config_file=config,
-                                       resume=resume, run=run, progress=progress)
+                                       resume=resume, run=run, threads=threads,
+                                       progress=progress)
         offer, created = (ensemble_offer(results, save_as=ensemble, progress=progress)
                           if len(results) > 1 and (ensemble or not json_output) else (None, None))
     best = best_result(results)

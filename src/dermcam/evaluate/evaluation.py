@@ -237,7 +237,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
              tta: bool = False, device: str = "auto", precision: str = "auto", batch_size: int = 64,
              resamples: int = DEFAULT_RESAMPLES, seed: int = 0, calibrated: bool = True, compile: bool = False,
              keep_overlap: bool = False, overlap_threshold: float = OVERLAP_THRESHOLD,
-             out_dir: Path | None = None, root: Path | None = None,
+             out_dir: Path | None = None, root: Path | None = None, threads: int | str | None = "auto",
              progress: Progress | None = None) -> EvalResult:
     """Evaluate a checkpoint on a split of its data set, or of any prepared ``dataset`` (external
     validation): classes are matched by name, images of classes the model does not know are left out
@@ -258,13 +258,15 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     bytes, or fingerprints within ``overlap_threshold``) are left out of every metric and listed in
     overlap.csv (:func:`exclude_overlap`); ``keep_overlap`` scores them too. ``EvalResult.overlap``
     counts them.
+
+    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores).
     """
     from dermcam.evaluate.bootstrap import confidence_intervals
     from dermcam.evaluate.metrics import compute_metrics
     from dermcam.evaluate.operating import model_outputs, operating_metrics
     from dermcam.evaluate.report import write_predictions, write_probability_plots, write_report
     from dermcam.evaluate.subgroups import subgroup_metrics
-    from dermcam.models.device import select_device
+    from dermcam.models.device import apply_threads, select_device
     from dermcam.store.inference import load_for_inference
 
     if split not in ("train", "val", "test"):
@@ -273,6 +275,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError("--batch-size must be a whole number of 1 or more")
+    apply_threads(threads)  # checked before any work, set before the model's first torch op
     from dermcam.data.overlap import OVERLAP_FILE, check_overlap_threshold, write_overlap
 
     overlap_threshold = check_overlap_threshold(overlap_threshold, "--overlap-threshold")

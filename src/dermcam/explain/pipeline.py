@@ -278,7 +278,8 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
             out_dir: Path = Path("dermcam-explain"), recursive: bool = False, method: str = "gradcam",
             target: str | int | None = None, layer: str | None = None, tta: bool = False, cam: bool = True,
             save_npy: bool = False, score: bool = False, calibrated: bool = True, device: str = "auto",
-            batch_size: int = BATCH_SIZE, progress: Progress | None = None) -> ExplainReport:
+            batch_size: int = BATCH_SIZE, threads: int | str | None = "auto",
+            progress: Progress | None = None) -> ExplainReport:
     """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
     and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
 
@@ -290,6 +291,7 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     has them (False: the raw softmax and argmax), exactly as ``evaluate`` reports them.
     ``device``: where the model runs (auto: CUDA when present); maps and scores are computed in fp32
     (``explain.cam`` turns autocast off). ``batch_size``: images per forward/backward pass.
+    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores).
     Bad images become :class:`ExplainFailure` entries; everything else raises.
     """
     from dermcam.explain.cam import resolve_layer
@@ -303,6 +305,9 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
         raise BadInputError("--score measures the CAM, so it cannot be combined with --no-cam")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError("--batch-size must be a whole number of 1 or more")
+    from dermcam.models.device import apply_threads
+
+    apply_threads(threads)  # checked before any file is read, set before the model's first torch op
 
     images, failures = collect_images([Path(p) for p in paths], recursive)
     notes: list[str] = []

@@ -60,6 +60,42 @@ def select_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def resolve_threads(threads: int | str | None = "auto") -> int:
+    """The torch intra-op thread count for ``--threads``: a checked number as given; ``auto`` (or
+    None) the cores not already busy, ``max(1, cores - round(1-minute load average))``.
+
+    Why: two processes that each take every core slow each other down several-fold (OpenMP threads
+    spin waiting for each other); docs/benchmarks.md ("Sharing the CPU") has the measurement. Limits
+    of ``auto``: the load average lags by about a minute, counts this process's own earlier work (a
+    second call in one process may choose fewer), and where :func:`os.getloadavg` is missing (Windows)
+    every core is used.
+    """
+    import os
+
+    from dermcam.checks import check_threads, cpu_count
+
+    value = check_threads("auto" if threads is None else threads)
+    if value != "auto":
+        return int(value)
+    cores = cpu_count()
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def apply_threads(threads: int | str | None = "auto") -> int:
+    """:func:`resolve_threads`, set as torch's intra-op thread count; returns it. Call it before the
+    first torch operation of a command (oneDNN sizes its pools on first use)."""
+    count = resolve_threads(threads)
+    import torch
+
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
 def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16/fp16 autocast where asked for; a no-op context for fp32."""
     import torch

@@ -78,10 +78,9 @@ def serve(ref: str | Path | None, settings: ServeSettings, *, root: Path | None 
 
     sock = bind(settings.host, settings.port)
     try:
-        if settings.threads is not None:  # before the model exists: oneDNN sizes its pools on first use
-            import torch
+        from dermcam.models.device import apply_threads
 
-            torch.set_num_threads(settings.threads)
+        apply_threads(settings.threads)  # before the model exists: oneDNN sizes its pools on first use
         served = ServedModel.load(ref, device=settings.device, root=root)
         app = build_app(served, settings)
         sock.listen(BACKLOG)

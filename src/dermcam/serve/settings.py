@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermcam.checks import check_int, check_text, shown
+from dermcam.checks import check_int, check_text, check_threads, shown
 from dermcam.errors import BadInputError, NotFoundError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -36,7 +36,6 @@ MAX_BATCH = 1024
 MAX_WAIT_MS = 1000
 MAX_UPLOAD_MB = 1024
 MAX_FILES = 256
-MAX_THREADS = 1024
 MIN_TOKEN_LENGTH = 16
 TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE"
 LOOPBACK_NAMES = ("localhost",)
@@ -53,7 +52,7 @@ class ServeSettings:
     max_wait_ms: int = DEFAULT_MAX_WAIT_MS
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     max_files: int = DEFAULT_MAX_FILES
-    threads: int | None = None  # torch's intra-op threads; None: torch's default (one per core)
+    threads: int | str = "auto"  # torch's intra-op threads, or auto: the cores not busy (models.device.resolve_threads)
     token: str | None = field(default=None, repr=False)  # never in a repr, a log or a traceback
 
     @property
@@ -92,7 +91,7 @@ def is_loopback(host: str) -> bool:
 def serve_settings(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
                    max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: int = DEFAULT_MAX_WAIT_MS,
                    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB, max_files: int = DEFAULT_MAX_FILES,
-                   threads: int | None = None, token_file: Path | str | None = None) -> ServeSettings:
+                   threads: int | str = "auto", token_file: Path | str | None = None) -> ServeSettings:
     """Every option checked, the token read; a one-line :class:`BadInputError` (or
     :class:`NotFoundError` for a missing token file) naming the option otherwise."""
     check_text(host, "--host")
@@ -108,7 +107,7 @@ def serve_settings(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device
                          max_wait_ms=check_int(max_wait_ms, "--max-wait-ms", 0, MAX_WAIT_MS),
                          max_upload_mb=check_int(max_upload_mb, "--max-upload-mb", 1, MAX_UPLOAD_MB),
                          max_files=check_int(max_files, "--max-files", 1, MAX_FILES),
-                         threads=None if threads is None else check_int(threads, "--threads", 1, MAX_THREADS),
+                         threads=check_threads(threads),
                          token=token)
 
 

@@ -570,13 +570,22 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, run: str |
 
 def train_configurations(options: dict[str, Any], *, grid: dict[str, list[Any]] | None = None,
                          config_file: Path | None = None, resume: bool = False, run: str | None = None,
-                         root: Path | None = None, progress: Progress | None = None) -> list[TrainResult]:
+                         root: Path | None = None, threads: int | str | None = None,
+                         progress: Progress | None = None) -> list[TrainResult]:
     """What ``dermcam train`` does: one run per configuration, or the resume of one run.
 
     ``options`` are the given :class:`TrainConfig` fields; ``grid`` maps fields to several values (every
     combination becomes a run); ``config_file`` is a TOML file of ``[[run]]`` tables instead of a
     grid. Every configuration is validated before the first run starts.
+
+    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`), set before any work;
+    None keeps torch's own count. Not part of the configuration: it changes speed, not what is trained
+    (a resume may use another count).
     """
+    if threads is not None:
+        from dermcam.models.device import apply_threads
+
+        apply_threads(threads)
     grid = {k: v for k, v in (grid or {}).items() if v}
     if resume:
         if config_file is not None:
