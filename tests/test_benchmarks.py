@@ -76,3 +76,17 @@ def test_the_serve_benchmark_runs_both_configurations_in_smoke_mode(tmp_path: Pa
         assert row["errors"] == 0 and row["requests"] == 6 and row["exit_code"] == 130, row
         assert row["idle_p50_ms"] > 0 and row["load_img_s"] > 0, row
     assert record["rows"][1]["largest_batch"] == 1 and record["cpu_model"] and "load average" in record["uptime_before"]
+
+
+def test_the_cross_validation_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/accuracy_cv_ham10000_lite.py on a tiny synthetic HAM10000 layout: prepare, a 2-fold
+    cross-validation with metadata and colour constancy, the distilled student and every test row; it
+    writes no results."""
+    record = run_smoke("accuracy_cv_ham10000_lite.py", "accuracy_cv_ham10000_lite.json", tmp_path)
+    models = [row["model"] for row in record["rows"]]
+    assert models == ["CV ensemble (2 folds)", "CV ensemble (2 folds) + TTA", "distilled student",
+                      "fold 0 model alone", "fold 1 model alone"]
+    for row in record["rows"]:
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["id"], row
+    assert record["oof"]["images"] > 0 and record["options"]["metadata"] == "age,sex,site"
+    assert set(record["minutes"]) >= {"prepare", "cross_validation", "distillation", "test_scoring", "training_total"}

@@ -79,7 +79,7 @@ def test_the_cpu_path_is_bit_identical_to_the_previous_make_batch(cache, augment
     for b in range(4):
         want_x, want_y = reference_batch(images, rows, labels, order, b, epoch=EPOCH, augment=augment,
                                          channels_last=channels_last, shard=shard)
-        for x, y in (pipe.batch(order, EPOCH, b), looped[b]):
+        for x, y, *_ in (pipe.batch(order, EPOCH, b), looped[b]):
             assert torch.equal(x, want_x) and x.stride() == want_x.stride() and x.dtype == want_x.dtype
             assert torch.equal(y, want_y)
     assert not prefetch_threads()  # the CPU path never starts a thread
@@ -93,7 +93,7 @@ def test_the_device_path_gives_the_same_batches(cache, augment, channels_last, w
     with pipe.epoch(order, EPOCH, 4) as batches:
         looped = list(batches)
     assert len(looped) == 4
-    for b, (x, y) in enumerate(looped):
+    for b, (x, y, *_) in enumerate(looped):
         want_x, want_y = reference_batch(images, rows, labels, order, b, epoch=EPOCH, augment=augment,
                                          channels_last=channels_last, shard=shard)
         torch.testing.assert_close(x, want_x, rtol=1e-5, atol=1e-5)
@@ -149,7 +149,7 @@ def test_the_trainer_loop_uses_the_pipeline_and_leaves_no_thread(home: Path, mon
     trainer.build()
     trainer.epoch = EPOCH
     order = epoch_order(len(trainer.train_rows), trainer.train_labels, SEED, EPOCH, "loss", len(trainer.classes))
-    x, y = trainer.make_batch(order, 1)
+    x, y, _ = trainer.make_batch(order, 1)
     want_x, want_y = reference_batch(trainer.data.images, trainer.train_rows, trainer.train_labels, order, 1,
                                      epoch=EPOCH, augment=True, channels_last=True, shard=DistContext().shard,
                                      batch_size=8, preprocessing=trainer.preprocessing)
@@ -169,3 +169,25 @@ def test_the_trainer_loop_uses_the_pipeline_and_leaves_no_thread(home: Path, mon
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.train_one_epoch()
     assert not prefetch_threads()
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu-path", "device-path"])
+def test_extras_travel_with_their_images_on_both_paths(cache, on_device) -> None:
+    """Per-image extras (metadata, soft targets) are batched with the rows they belong to, sharded like them."""
+    images, rows, labels, order = cache
+    extras = {"soft": np.random.default_rng(1).random((len(rows), 3)).astype(np.float32),
+              "meta": np.arange(len(rows) * 2, dtype=np.float32).reshape(-1, 2)}
+    shard = DistContext(rank=1, world_size=3).shard
+    pipe = BatchPipeline(images, rows, labels, batch_size=BATCH, preprocessing=PRE, augment=True, seed=SEED,
+                         device=torch.device("cpu"), channels_last=True, shard=shard, on_device=on_device,
+                         extras=extras)
+    with pipe.epoch(order, EPOCH, 4) as batches:
+        for b, (x, y, got) in enumerate(batches):
+            picks = order[b * BATCH:(b + 1) * BATCH]
+            mine = picks[shard(len(picks))]
+            assert set(got) == {"soft", "meta"} and len(x) == len(y) == len(mine)
+            for name, values in extras.items():
+                assert torch.equal(got[name], torch.from_numpy(values[mine]))
+    with pytest.raises(ValueError, match="extra 'meta' has 3 rows"):
+        BatchPipeline(images, rows, labels, batch_size=BATCH, preprocessing=PRE, augment=False, seed=SEED,
+                      device=torch.device("cpu"), channels_last=False, extras={"meta": np.zeros((3, 2))})

@@ -67,10 +67,9 @@ def test_auto_resolves_to_the_idle_cores(monkeypatch) -> None:
     assert resolve_threads(" 3 ") == 3
 
 
-def test_explain_applies_threads_through_the_cli(runner, tmp_path, dermcam_home) -> None:
+def _tiny_checkpoint():
     import timm
     import torch
-    from PIL import Image
 
     from dermcam.store.checkpoint import save_checkpoint
     from dermcam.store.runs import create_run
@@ -81,8 +80,15 @@ def test_explain_applies_threads_through_the_cli(runner, tmp_path, dermcam_home)
                "preprocessing": {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3,
                                  "interpolation": "bicubic"},
                "metrics": {}, "monitor": {"name": "val_balanced_accuracy", "mode": "max", "value": 0.5}}
-    ckpt = save_checkpoint(create_run({"backbone": "test_efficientnet"}), epoch=0, model_state=model.state_dict(),
+    return save_checkpoint(create_run({"backbone": "test_efficientnet"}), epoch=0, model_state=model.state_dict(),
                            sidecar=sidecar)
+
+
+def test_explain_applies_threads_through_the_cli(runner, tmp_path, dermcam_home) -> None:
+    import torch
+    from PIL import Image
+
+    ckpt = _tiny_checkpoint()
     image = tmp_path / "a.png"
     Image.new("RGB", (80, 60), (120, 80, 60)).save(image)
     before = torch.get_num_threads()
@@ -95,6 +101,32 @@ def test_explain_applies_threads_through_the_cli(runner, tmp_path, dermcam_home)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_library_keeps_the_thread_count_unless_asked(tmp_path, dermcam_home, monkeypatch) -> None:
+    """evaluate() and explain() called from Python (as the end of train, a cross-validation or a distillation
+    call them) leave torch's thread count alone: later runs in that process must train with the count they
+    started with, or a resumed run is no longer bit-identical. Only an explicit ``threads`` changes it."""
+    import torch
+    from PIL import Image
+
+    from dermcam.evaluate.evaluation import evaluate
+    from dermcam.explain.pipeline import explain
+
+    ckpt = _tiny_checkpoint()
+    image = tmp_path / "a.png"
+    Image.new("RGB", (80, 60), (120, 80, 60)).save(image)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # "auto" would choose fewer threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        explain([image], checkpoint=ckpt.id, out_dir=tmp_path / "o")
+        assert torch.get_num_threads() == 2
+        explain([image], checkpoint=ckpt.id, out_dir=tmp_path / "o2", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert callable(evaluate) and evaluate.__kwdefaults__["threads"] is None
 
 
 def test_help_shows_one_option_for_all_four(runner) -> None:

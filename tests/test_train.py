@@ -33,6 +33,7 @@ def test_train_writes_checkpoints_metrics_and_report(runner, home: Path) -> None
         assert sidecar["classes"] == ["bkl", "mel", "nv"]
         assert sidecar["label_encoding"] == {"bkl": 0, "mel": 1, "nv": 2}
         assert sidecar["preprocessing"]["input_size"] == [3, 48, 48]
+        assert sidecar["preprocessing"]["color_constancy"] == "none"  # written out, not left to the reader
         assert sidecar["dataset"]["name"] == "synth" and sidecar["dataset"]["fingerprint"]
         assert set(sidecar["versions"]) == {"dermcam", "torch", "timm"}
         assert sidecar["config"]["backbone"] == "test_efficientnet"

@@ -92,6 +92,7 @@ DAMAGED_FIELDS = {
     "preprocessing.mean": [MISSING, [0.5, 0.5], [math.nan, 0.5, 0.5], ["a", 0.5, 0.5]],
     "preprocessing.std": [MISSING, [0.0, 1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0], [math.inf, 1.0, 1.0]],
     "preprocessing.cache_size": [[0, 0], [64], [99999, 48]],
+    "preprocessing.color_constancy": ["grey-world", None],
     "calibration": ["x", {}],
     "calibration.method": [MISSING, "platt"],
     "calibration.temperature": [MISSING, 0, -1.0, math.nan, math.inf, "1.5", 1e9],

@@ -11,14 +11,16 @@ from dermcam.checks import MAX_BATCH_SIZE, SEED_MAX, check_output_dir
 from dermcam.cli import views
 from dermcam.cli.common import JSON_OPTION, NO_CALIBRATION_OPTION, THREADS_OPTION, handle_errors, show_result
 from dermcam.data.overlap import OVERLAP_THRESHOLD
+from dermcam.errors import BadInputError
 from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
 
 
 @handle_errors
 def evaluate_command(
     checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint id (RUN:EPOCH), run id, ensemble (ensemble:NAME), "
-                                                          "exported file (default: best)."),
-    split: str = typer.Option("test", help="train | val | test."),
+                                                          "exported file (default: best); or cv:NAME, a "
+                                                          "cross-validation's out-of-fold estimate."),
+    split: Optional[str] = typer.Option(None, help="train | val | test (default: test)."),
     data: Optional[str] = typer.Option(None, "--data", "-d",
                                        help="Data set (default: the one it was trained on). Any prepared set works, "
                                             "e.g. one prepared with --external: classes are matched by name."),
@@ -57,7 +59,24 @@ def evaluate_command(
     """
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
+    from dermcam.store.crossval import cv_name
 
+    if cv_name(checkpoint) is not None:  # stored out-of-fold predictions: no model runs, no split is read
+        from dermcam.evaluate.crossval import cv_estimate
+
+        given = [flag for flag, used in (
+            ("--split", split is not None), ("--data", data is not None), ("--tta", tta), ("--out", out is not None),
+            ("--compile", compile), ("--keep-overlap", keep_overlap), ("--no-calibration", no_calibration),
+            ("--overlap-threshold", overlap_threshold != OVERLAP_THRESHOLD), ("--device", device != "auto"),
+            ("--precision", precision != "auto"), ("--batch-size", batch_size != 64)) if used]
+        if given:
+            raise BadInputError(f"{given[0]} does not apply to {checkpoint}: a cross-validation is scored from its "
+                                "stored out-of-fold predictions of the train and val images (never the test split; "
+                                f"score its models on test with: dermcam evaluate ensemble:{cv_name(checkpoint)})")
+        show_result(cv_estimate(str(cv_name(checkpoint)), resamples=resamples, seed=seed), json_output,
+                    views.crossval_estimate)
+        return
+    split = split or "test"
     if out is not None:
         check_output_dir(out, "--out")  # before the model loads: nothing is written when it is unusable
     with rich_progress() as progress:

@@ -47,6 +47,10 @@ def explain_command(
     score: bool = typer.Option(False, "--score", help="Measure map faithfulness: deletion / insertion AUC "
                                                       "(about 40 extra forward passes per image)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write one row per image."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", metavar="FILE",
+                                            help="CSV of the images' patient metadata (an image column with the "
+                                                 "file name or stem; age, sex, site columns) for a model trained "
+                                                 "with --metadata (default: a metadata.csv beside the images)."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N. Maps are computed in fp32."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward/backward pass."),
     threads: str = THREADS_OPTION,
@@ -64,6 +68,10 @@ def explain_command(
     Probabilities are calibrated when the checkpoint is; with an operating point each image also
     shows its decision ("mel: above threshold 0.231"), and the overlay explains the decided class.
 
+    A model trained with patient metadata reads each image's age, sex and site from --metadata FILE (or
+    a metadata.csv beside the images); the prediction and the map both use it, and NAME.json says which
+    fields the image had ("answered without metadata" when none). Other models ignore it.
+
     Unreadable files are reported and skipped: exit code 5 when some failed, 2 when none could be used.
     """
     from dermcam.explain.pipeline import explain, write_csv
@@ -75,7 +83,7 @@ def explain_command(
         report = explain(images, checkpoint=checkpoint, out_dir=out, recursive=recursive, method=method,
                          target=target, layer=layer, tta=tta, cam=not no_cam, save_npy=npy, score=score,
                          calibrated=not no_calibration, device=device, batch_size=batch_size, threads=threads,
-                         progress=progress)
+                         progress=progress, metadata=metadata)
     if csv_path is not None:
         write_csv(report, csv_path)
     show_warnings(report.warnings)
@@ -86,10 +94,20 @@ def explain_command(
             console.print(views.explain_table(report, console.width))
         what = f"{report.method} on {report.layer}" if report.method else "predictions only"
         console.print(f"{len(report.results)} explained ({what}) -> {report.out_dir}", highlight=False)
+        if report.metadata is not None:
+            console.print(metadata_words(report.metadata_summary() or {}), highlight=False, markup=False)
     for failure in report.failures:
         print_error(failure.error)
     if report.exit_code != ExitCode.OK:
         raise typer.Exit(int(report.exit_code))
+
+
+def metadata_words(summary: dict) -> str:
+    """``Metadata: the model reads age, sex, site; from meta.csv; 1 of 3 images answered without metadata``."""
+    files = summary.get("files") or []
+    where = f"from {', '.join(files)}" if files else "no metadata file (--metadata FILE, or metadata.csv beside the images)"
+    return (f"Metadata: the model reads {', '.join(summary['fields'])}; {where}; {summary['without_metadata']} of "
+            f"{summary['images']} images answered without metadata")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ import typer
 
 from dermcam.checks import MAX_BATCH_SIZE, MAX_EPOCHS, SEED_MAX
 from dermcam.cli import views
-from dermcam.cli.common import JSON_OPTION, handle_errors, print_json, threads_option
+from dermcam.cli.common import JSON_OPTION, handle_errors, print_json, show_result, threads_option
 from dermcam.train.config import TrainConfig
 
 D = TrainConfig()  # the defaults, quoted in the help below
@@ -44,8 +44,13 @@ HELP = {  # option help; _h() appends TrainConfig's default
     "compile": "torch.compile the training forward (the first step compiles; later ones may be faster on a "
                "GPU); where it is unavailable or fails, training goes on eagerly with a note",
     "seed": f"Random seed, 0 to {SEED_MAX}",
+    "color_constancy": "Colour constancy at the cache size, before augmentation, recorded in the checkpoint "
+                       "so evaluate, explain, serve and ONNX apply it too: none | shades-of-gray (Shades of "
+                       "Gray, p=6)",
     "operating_point": "After training, calibrate the best checkpoint on val and choose this threshold on "
                        "its calibrated probabilities: CLASS:sensitivity=T or CLASS:specificity=T",
+    "metadata": "Patient metadata fused with the image features: any of age,sex,site (the data set's own "
+                "columns; a missing value is a learned 'unknown'; never dx_type, which leaks the label)",
 }
 
 
@@ -87,15 +92,26 @@ def train_command(
     seed: list[int] = typer.Option([], "--seed", help=_h("seed", grid=True)),
     operating_point: Optional[str] = typer.Option(None, "--operating-point", metavar="CLASS:METRIC=T",
                                                   help=_h("operating_point")),
+    color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help=_h("color_constancy")),
+    metadata: Optional[str] = typer.Option(None, "--metadata", metavar="FIELDS", help=_h("metadata")),
+    folds: Optional[int] = typer.Option(None, "--folds", metavar="K",
+                                        help="Cross-validate: train+val cut into K grouped, stratified folds (2 to "
+                                             "20), one run per fold validated on its held-out fold, the test split "
+                                             "untouched; the out-of-fold estimate is stored as cv:NAME (dermcam "
+                                             "evaluate cv:NAME) and the K fold models as ensemble:NAME (NAME: "
+                                             "--ensemble, default DATASET-Kfold-XXXXXX)."),
     config: Optional[Path] = typer.Option(None, "--config",
                                           help="TOML file of configurations: shared keys + [[run]] tables."),
     resume: bool = typer.Option(False, "--resume",
-                                help="Continue the latest run (or --run ID) exactly where it stopped."),
+                                help="Continue the latest run (or --run ID) exactly where it stopped; a fold "
+                                     "of a cross-validation continues with its next folds."),
     run: Optional[str] = typer.Option(None, "--run",
-                                      help="With --resume: the run id (or a unique prefix) to continue."),
+                                      help="With --resume: the run id (or a unique prefix) to continue, or cv:NAME "
+                                           "for a cross-validation's next unfinished fold."),
     ensemble: Optional[str] = typer.Option(None, "--ensemble", metavar="NAME",
                                            help="When several runs are compared: store their best ensemble (greedy "
-                                                "selection on validation) as NAME; see dermcam ensemble."),
+                                                "selection on validation) as NAME; see dermcam ensemble. With "
+                                                "--folds: the name of the cross-validation and its ensemble."),
     threads: Optional[str] = threads_option(None),
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -106,9 +122,11 @@ def train_command(
     scaling; see dermcam calibrate) and evaluated on the test split. Several --backbone/--lr/--image-size/--seed values, or --config FILE, train one run
     per configuration and print a comparison table, with the best ensemble of the runs (greedy
     selection on validation) as its last row; --ensemble NAME stores it (--json prints the runs only).
+    --folds K cross-validates one configuration instead (see docs/training.md, Cross-validation).
     """
     from dermcam.progress import rich_progress
-    from dermcam.train.trainer import best_result, ensemble_offer, train_configurations
+    from dermcam.train.crossval import train_or_cross_validate
+    from dermcam.train.trainer import best_result, ensemble_offer
 
     if ensemble is not None:
         from dermcam.store.ensembles import check_new_name
@@ -121,14 +139,18 @@ def train_command(
         "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "balance": balance, "augment": augment,
         "accumulate": accumulate, "ema": ema, "ema_decay": ema_decay, "patience": patience, "monitor": monitor,
         "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
-        "sync_bn": sync_bn, "operating_point": operating_point,
+        "sync_bn": sync_bn, "operating_point": operating_point, "folds": folds, "color_constancy": color_constancy,
+        "metadata": metadata,
     }
     grid = {"backbone": backbone, "lr": lr, "seed": seed, "image_size": image_size}
     with rich_progress() as progress:
-        results = train_configurations({k: v for k, v in given.items() if v is not None},
-                                       grid={k: v for k, v in grid.items() if v}, config_file=config,
-                                       resume=resume, run=run, threads=threads,
-                                       progress=progress)
+        results = train_or_cross_validate({k: v for k, v in given.items() if v is not None},
+                                          grid={k: v for k, v in grid.items() if v}, config_file=config,
+                                          resume=resume, run=run, threads=threads,
+                                          cv_name=ensemble if folds is not None else None, progress=progress)
+        if not isinstance(results, list):  # a cross-validation (--folds, or the resume of one of its folds)
+            show_result(results, json_output, views.crossval_trained)
+            return
         offer, created = (ensemble_offer(results, save_as=ensemble, progress=progress)
                           if len(results) > 1 and (ensemble or not json_output) else (None, None))
     best = best_result(results)

@@ -357,6 +357,34 @@ def train_result(result: Any) -> None:
         console.print(f"Report: {result.report_files[0].parent}")
 
 
+def distill_result(result: Any) -> None:
+    """A student run as ``dermcam train`` shows a run, then its teacher on the same test split and the gap."""
+    from rich.table import Table
+
+    from dermcam.evaluate.metrics import format_value
+
+    train_result(result.run)
+    teacher = result.teacher
+    config = result.run.config
+    seconds = teacher.get("soft_targets_seconds")
+    console.print(f"Teacher {teacher['id']} ({teacher['members']} members; T {config.distill_temperature:g}, "
+                  f"alpha {config.distill_alpha:g}"
+                  + (f"; soft targets took {seconds:.1f} s" if seconds is not None else "") + ")", highlight=False)
+    metrics = teacher.get("test_metrics")
+    if not metrics or not result.run.test_metrics:
+        return
+    table = Table(title="Test split: student against teacher")
+    table.add_column("")
+    for column in ("balanced acc", "AUC (macro)"):
+        table.add_column(column, justify="right")
+    keys = ("balanced_accuracy", "auc_macro")
+    table.add_row("student", *(format_value(result.run.test_metrics.get(k)) for k in keys))
+    table.add_row("teacher", *(format_value(metrics.get(k)) for k in keys))
+    gap = result.gap or {}
+    table.add_row("gap", *(f"{gap[k]:+.3f}" if k in gap else "-" for k in keys))
+    console.print(table)
+
+
 def train_comparison(results: list[Any], best: Any, offer: Any = None, created: Any = None) -> None:
     """The runs side by side, and the best ensemble of them (``offer``, a greedy selection on val),
     marked * instead of the best run when it beats it on validation."""
@@ -436,6 +464,8 @@ def evaluation(result: Any) -> None:
         console.print(f"Scored on the classes this set has: {', '.join(result.scored_classes)}", highlight=False)
     if getattr(result, "overlap", None) and result.overlap.get("compared_with"):
         console.print(evaluation_overlap_line(result.overlap, result.report_dir), highlight=False, markup=False)
+    if getattr(result, "metadata", None):
+        console.print(metadata_line(result.metadata), highlight=False, markup=False)
     if metrics.get("calibration"):
         console.print(calibration_line(metrics["calibration"]), highlight=False)
     if metrics.get("operating_point"):
@@ -447,6 +477,15 @@ def evaluation(result: Any) -> None:
         console.print(subgroup_table(result.subgroups, result.classes, console.width))
     if result.files:
         console.print(f"Report: {result.report_dir}", highlight=False)
+
+
+def metadata_line(summary: dict[str, Any]) -> str:
+    """``Metadata: age, sex, site (age 310/312, sex 312/312, site 300/312); 0 images had none of them``."""
+    known = ", ".join(f"{f} {summary['known'][f]}/{summary['images']}" for f in summary["fields"])
+    none = summary["without_metadata"]
+    tail = ("every image had none: the model answered from the image alone (its 'unknown' metadata)"
+            if none == summary["images"] else f"{none} image{'s' if none != 1 else ''} had none of them")
+    return f"Metadata: the model reads {', '.join(summary['fields'])} (known: {known}); {tail}"
 
 
 def calibration_line(report: dict[str, Any]) -> str:
@@ -731,3 +770,39 @@ def store_overlap_lines(result: dict[str, Any]) -> None:
                       highlight=False, markup=False)
     for name, why in result["unchecked"].items():
         console.print(f"Overlap with {name} not checked: {why}", highlight=False, markup=False)
+
+
+def crossval_estimate(estimate: Any) -> None:
+    """``dermcam evaluate cv:NAME``: the out-of-fold estimate, per class and overall, with intervals."""
+    from dermcam.evaluate.metrics import format_value
+
+    metrics = estimate.metrics
+    ci = (metrics.get("ci") or {}).get("intervals") or {}
+    table = Table(title=f"{estimate.title} (n={estimate.images} images, {estimate.groups} groups)",
+                  title_justify="left", caption="(95% bootstrap interval over lesion groups)" if ci else None,
+                  caption_justify="left")
+    table.add_column("class")
+    for column in ("recall", "precision", "AUC", "support"):
+        table.add_column(column, justify="right")
+    for code in estimate.classes:
+        table.add_row(code, with_ci(metrics.get(f"recall_{code}"), ci.get(f"recall_{code}")),
+                      with_ci(metrics.get(f"precision_{code}"), ci.get(f"precision_{code}")),
+                      with_ci(metrics.get(f"auc_{code}"), ci.get(f"auc_{code}")),
+                      format_value(metrics.get(f"support_{code}")))
+    console.print(table)
+    console.print(f"balanced accuracy {with_ci(metrics['balanced_accuracy'], ci.get('balanced_accuracy'))}   "
+                  f"macro F1 {with_ci(metrics['macro_f1'], ci.get('macro_f1'))}   "
+                  f"AUC (macro) {with_ci(metrics['auc_macro'], ci.get('auc_macro'))}")
+    runs = "  ".join(f"{r['fold'] + 1}: {r.get('best') or r['run']} ({r['status']})" for r in estimate.fold_runs)
+    console.print(f"Folds: {runs}", highlight=False)
+    if estimate.ensemble:
+        console.print(f"The {estimate.folds} fold models: ensemble:{estimate.ensemble} (dermcam evaluate "
+                      f"ensemble:{estimate.ensemble} scores it on the test split)", highlight=False)
+
+
+def crossval_trained(result: Any) -> None:
+    """``dermcam train --folds K``: the fold runs of this call, then the out-of-fold estimate."""
+    for run in result.runs:
+        train_result(run)
+    console.print()
+    crossval_estimate(result.estimate)

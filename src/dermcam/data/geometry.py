@@ -7,7 +7,9 @@ pixels whether training validates it, ``evaluate`` scores it or ``explain`` expl
    (256x192 by default, HAM10000's 4:3) and the overflow is cropped at the centre. This is what
    ``prepare`` stores in the image cache, and ``explain`` decodes a photo the same way
    (:func:`dermcam.data.images.decode_image` with the checkpoint's :func:`cache_size`).
-2. :func:`batch_input` (``to_float`` -> ``resize`` -> ``normalize``): the cache-sized pixels, whole,
+2. :func:`batch_input` (``to_float`` -> ``color_constancy`` -> ``resize`` -> ``normalize``): the
+   cache-sized pixels, whole, their illuminant divided out when the checkpoint records colour
+   constancy (:mod:`dermcam.color`, at the cache resolution, before any resize or augmentation),
    resized to the model's input size and normalised; :func:`model_input` does it for one image.
 
 Why crop rather than squash or pad: dermoscopy photos are framed on the lesion, a square or 3:2
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dermcam.color import apply_color_constancy, color_constancy_of
 from dermcam.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -89,6 +92,13 @@ def to_float(batch: np.ndarray) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def color_constancy(x: torch.Tensor, preprocessing: Mapping[str, Any]) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1] from :func:`to_float` -> the same with the colour constancy that
+    ``preprocessing`` records applied (none for sidecars without the key). Applied at the cache
+    resolution, before resizing and augmentation, on every path that makes a model input."""
+    return apply_color_constancy(x, color_constancy_of(preprocessing))
+
+
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Deterministic evaluation view: the whole image resized to ``size`` = (H, W), no crop."""
     import torch.nn.functional as F
@@ -114,9 +124,10 @@ def flips(x: torch.Tensor) -> list[torch.Tensor]:
 def batch_input(pixels: np.ndarray, preprocessing: Mapping[str, Any], device: Any = None) -> torch.Tensor:
     """(B, H, W, 3) uint8 cache-sized pixels -> the model's normalised (B, 3, h, w) float input.
 
-    The whole cache image is resized to the model's input size (no second crop). With an accelerator
-    ``device`` the uint8 pixels travel (pinned, non-blocking: a quarter of the float bytes) and are
-    converted, resized and normalised there; on the CPU the arithmetic is unchanged.
+    Colour constancy (when the sidecar records it) comes first, at the cache size. The whole cache
+    image is resized to the model's input size (no second crop). With an accelerator ``device`` the
+    uint8 pixels travel (pinned, non-blocking: a quarter of the float bytes) and are converted,
+    colour-corrected, resized and normalised there; on the CPU the arithmetic is unchanged.
     """
     import torch
 
@@ -128,6 +139,7 @@ def batch_input(pixels: np.ndarray, preprocessing: Mapping[str, Any], device: An
         if torch.device(device).type == "cuda":
             raw = raw.pin_memory()
         x = raw.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = color_constancy(x, preprocessing)
     x = resize(x, (int(height), int(width)))
     return normalize(x, preprocessing["mean"], preprocessing["std"])
 

@@ -119,6 +119,32 @@ def split_by_lesion(groups: Sequence[str], labels: Sequence[str], fractions: Seq
     return np.array([assignment[g] for g in groups], dtype=object)
 
 
+def assign_folds(groups: Sequence[str], labels: Sequence[object], k: int, seed: int) -> np.ndarray:
+    """Cross-validation folds 0..k-1 for each row, filled the way :func:`split_by_lesion` fills splits.
+
+    A group (lesion, patient or near-duplicate cluster: the index's ``group`` column) goes whole into
+    one fold. Per class (a group's majority label), the groups are taken in a seeded random order and
+    each goes to the fold that is furthest behind its equal share of the class's images; ties go to the
+    fold with fewer images over all classes, so the first group of every class does not always land in
+    fold 0 and the folds end up of nearly equal size. A class of at least ``k`` groups has a group in
+    every fold. The result depends on the rows given, their order and ``seed`` only.
+    """
+    rng = np.random.default_rng(seed)
+    labels = [str(label) for label in labels]
+    fold_of: dict[str, int] = {}
+    total = np.zeros(k)
+    for _, members in lesion_table(groups, labels).groupby("label", sort=True):
+        members = members.iloc[rng.permutation(len(members))]
+        target = members["size"].sum() / k
+        filled = np.zeros(k)
+        for name, size in members["size"].items():
+            fold = int(np.lexsort((np.arange(k), total, filled / target))[0])
+            fold_of[name] = fold
+            filled[fold] += size
+            total[fold] += size
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
 def leakage_audit(groups: Sequence[str], splits: Sequence[str]) -> dict[str, int]:
     """How many groups (lesions) each pair of splits shares; a correct split has zeros everywhere."""
     import pandas as pd

@@ -79,6 +79,7 @@ def calibrate_checkpoint(ckpt: Checkpoint, spec: OperatingPointSpec | None, *, d
     Without ``spec`` a stored operating point is chosen again for its own target: its threshold was a
     calibrated probability of the old calibration and means nothing under the new one.
     """
+    from dermcam.data.metadata import model_metadata
     from dermcam.evaluate.calibration import apply, fit
     from dermcam.evaluate.evaluation import scored_split
     from dermcam.evaluate.operating import check_labels, choose, spec_of
@@ -102,7 +103,8 @@ def calibrate_checkpoint(ckpt: Checkpoint, spec: OperatingPointSpec | None, *, d
     model.to(dev)
     raw = predict(model, val.data.images, val.rows, preprocessing=sidecar["preprocessing"], device=dev,
                   precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size,
-                  progress=progress, description="calibrate on val")
+                  progress=progress, description="calibrate on val",
+                  metadata=model_metadata(sidecar, val.index))  # a metadata model: the val rows' own
     calibration = {**fit(val.y_true, raw, val.groups, vector=vector), "created": utc_now(),
                    "fitted_on": {"dataset": val.data.name, "split": "val", "n": len(val.rows),
                                  "lesions": len(set(map(str, val.groups))), "fingerprint": val.data.fingerprint}}

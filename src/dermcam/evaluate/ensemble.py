@@ -172,6 +172,7 @@ def _validation(ckpts: list[Checkpoint], dataset: str | None, root: Path | None)
 def member_probabilities(ckpts: list[Checkpoint], split: Any, *, device: str = "auto", batch_size: int = 64,
                          progress: Progress | None = None) -> list[np.ndarray]:
     """Each checkpoint's calibrated probabilities on the split's images (as it alone would report them)."""
+    from dermcam.data.metadata import model_metadata
     from dermcam.evaluate.operating import model_outputs
     from dermcam.evaluate.predict import predict
     from dermcam.models.device import select_device
@@ -182,7 +183,8 @@ def member_probabilities(ckpts: list[Checkpoint], split: Any, *, device: str = "
     for ckpt in ckpts:
         model = model_from_checkpoint(ckpt).to(dev)
         raw = predict(model, split.data.images, split.rows, preprocessing=ckpt.sidecar["preprocessing"], device=dev,
-                      batch_size=batch_size, progress=progress, description=f"val {ckpt.id}")
+                      batch_size=batch_size, progress=progress, description=f"val {ckpt.id}",
+                      metadata=model_metadata(ckpt.sidecar, split.index))
         out.append(model_outputs(raw, ckpt.sidecar).probs)
     return out
 
@@ -233,6 +235,7 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
     own validation probabilities, the same ones ``evaluate`` will compute. ``preselected``: a greedy
     selection already made over ``refs`` (by :func:`offer_ensemble`), so it is not computed again.
     """
+    from dermcam.data.metadata import model_metadata
     from dermcam.evaluate.metrics import compute_metrics
     from dermcam.evaluate.operating import check_labels, choose, parse_operating_point
     from dermcam.evaluate.predict import predict
@@ -287,7 +290,8 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
         model, document = load_ensemble(ensemble, root)
         dev = select_device(device)
         raw = predict(model.to(dev), split.data.images, split.rows, preprocessing=document["preprocessing"],
-                      device=dev, batch_size=batch_size, progress=progress, description=f"val ensemble:{name}")
+                      device=dev, batch_size=batch_size, progress=progress, description=f"val ensemble:{name}",
+                      metadata=model_metadata(document, split.index))
         probs = model_outputs(raw, document).probs
         classes = list(ensemble.manifest["classes"])
         val_metrics = compute_metrics(split.y_true, probs, classes)

@@ -34,6 +34,7 @@ class EvalResult:
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes the model does not know
     subgroups: list[dict[str, Any]] = field(default_factory=list)
     overlap: dict[str, Any] = field(default_factory=dict)  # OverlapCheck.to_dict(): images shared with training
+    metadata: dict[str, Any] | None = None  # dermcam.data.metadata.summary: fields used, images without any
 
     @property
     def title(self) -> str:
@@ -45,7 +46,8 @@ class EvalResult:
         return {"checkpoint": self.checkpoint_id, "trained_on": self.trained_on, "dataset": self.dataset,
                 "split": self.split, "classes": self.classes, "scored_classes": self.scored_classes,
                 "left_out": self.left_out, "overlap": self.overlap, "metrics": self.metrics,
-                "subgroups": self.subgroups, "files": [str(p) for p in self.files], "warnings": self.warnings}
+                "subgroups": self.subgroups, "metadata": self.metadata, "files": [str(p) for p in self.files],
+                "warnings": self.warnings}
 
 
 def match_classes(model_classes: list[str], data_classes: list[str],
@@ -85,6 +87,7 @@ def scored_split(sidecar: dict[str, Any], dataset: str | None, split: str, root:
     classes matched by name, images of classes the model does not know counted and left out, and a
     warning when the training set changed since (its splits may then overlap the training data)."""
     from dermcam.data.dataset import load_prepared
+    from dermcam.data.folds import fold_setting, split_rows
     from dermcam.data.split import group_keys
 
     trained_on = (sidecar.get("dataset") or {}).get("name")
@@ -95,7 +98,10 @@ def scored_split(sidecar: dict[str, Any], dataset: str | None, split: str, root:
     if data.name == trained_on and fingerprint and fingerprint != data.fingerprint:
         warnings.append(f"data set '{data.name}' changed since checkpoint {sidecar['id']} was trained "
                         "(fingerprints differ): its splits may overlap the training data")
-    rows, labels = data.split(split)
+    # A cross-validation fold run's val is its held-out fold and its train the other folds (data/folds.py):
+    # on its own set, calibration and --split val/train score what the run validated and trained on.
+    setting = fold_setting(sidecar.get("config")) if data.name == trained_on else None
+    rows, labels = split_rows(data, split, *setting) if setting else data.split(split)
     known = mapping[labels] >= 0
     left_out = {data.classes[k]: int(n) for k, n in enumerate(np.bincount(labels[~known], minlength=len(data.classes)))
                 if n}
@@ -237,7 +243,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
              tta: bool = False, device: str = "auto", precision: str = "auto", batch_size: int = 64,
              resamples: int = DEFAULT_RESAMPLES, seed: int = 0, calibrated: bool = True, compile: bool = False,
              keep_overlap: bool = False, overlap_threshold: float = OVERLAP_THRESHOLD,
-             out_dir: Path | None = None, root: Path | None = None, threads: int | str | None = "auto",
+             out_dir: Path | None = None, root: Path | None = None, threads: int | str | None = None,
              progress: Progress | None = None) -> EvalResult:
     """Evaluate a checkpoint on a split of its data set, or of any prepared ``dataset`` (external
     validation): classes are matched by name, images of classes the model does not know are left out
@@ -259,8 +265,12 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     overlap.csv (:func:`exclude_overlap`); ``keep_overlap`` scores them too. ``EvalResult.overlap``
     counts them.
 
-    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores).
+    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores;
+    the CLI's default). None keeps torch's count: a caller inside a training process (the end of
+    ``train``, a cross-validation, a distillation) must not change the count its later runs train with.
     """
+    from dermcam.data.metadata import model_metadata
+    from dermcam.data.metadata import summary as metadata_summary
     from dermcam.evaluate.bootstrap import confidence_intervals
     from dermcam.evaluate.metrics import compute_metrics
     from dermcam.evaluate.operating import model_outputs, operating_metrics
@@ -275,7 +285,8 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadInputError("--batch-size must be a whole number of 1 or more")
-    apply_threads(threads)  # checked before any work, set before the model's first torch op
+    if threads is not None:
+        apply_threads(threads)  # checked before any work, set before the model's first torch op
     from dermcam.data.overlap import OVERLAP_FILE, check_overlap_threshold, write_overlap
 
     overlap_threshold = check_overlap_threshold(overlap_threshold, "--overlap-threshold")
@@ -295,10 +306,12 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
         from dermcam.models.ensemble import WithRaw
 
         model = WithRaw(model)
+    # A metadata model reads the set's own age, sex and site columns, encoded as it was trained (an
+    # unknown value, or a site it never saw, is its "unknown"); a model without metadata ignores them.
     scores = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
                      precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
                      compile=compile, notes=notes, progress=progress, description=f"evaluate {split}",
-                     heads=2 if inside else 1)
+                     heads=2 if inside else 1, metadata=model_metadata(sidecar, scored_set.index))
     reported, raw = (scores[:, :len(classes)], scores[:, len(classes):]) if inside else (scores, scores)
     outputs = model_outputs(reported, sidecar, calibrated=calibrated)
     probs = outputs.probs
@@ -316,12 +329,13 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     result = EvalResult(sidecar["id"], data.name, split, metrics, classes, out_dir, [],
                         notes[:skipped] + scored_set.warnings + notes[skipped:],
                         scored_set.trained_on, [classes[i] for i in scored_set.shared], scored_set.left_out,
-                        subgroups, overlap.to_dict())
+                        subgroups, overlap.to_dict(), metadata_summary(sidecar, scored_set.index))
     if out_dir is not None:
         # which checkpoint and classes: what report.html reads back to describe and to regenerate it
         report = {**metrics, "checkpoint": result.checkpoint_id, "trained_on": scored_set.trained_on,
                   "dataset": data.name, "split": split, "scored_classes": result.scored_classes,
-                  "left_out": scored_set.left_out, "overlap": result.overlap, "subgroups": subgroups}
+                  "left_out": scored_set.left_out, "overlap": result.overlap, "subgroups": subgroups,
+                  "metadata": result.metadata}
         result.files = write_report(out_dir, report, classes, title=result.title)
         result.files += write_probability_plots(out_dir, y_true, raw, outputs, title=result.title)
         result.files.append(write_predictions(out_dir / "predictions.csv", scored_set.index, probs, classes,

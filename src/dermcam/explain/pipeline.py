@@ -9,6 +9,12 @@ A bad file (missing, unreadable, truncated, not an image, a decompression bomb) 
 line and skipped: the other images are still explained. Images are read with EXIF orientation
 applied (phone dermatoscopes store rotated JPEGs), 16-bit and float images are scaled to 8 bits, and
 transparency is dropped.
+
+A model trained with patient metadata (``train --metadata age,sex,site``) reads each image's age, sex
+and site from a CSV (``metadata``, else a ``metadata.csv`` beside the images:
+:mod:`dermcam.data.metadata_input`); the prediction and the map are both computed with it
+(:mod:`dermcam.explain.metadata`), and each sidecar says which fields the model read and which it was
+given ("answered without metadata" when none).
 """
 
 from __future__ import annotations
@@ -56,13 +62,15 @@ class ExplainedImage:
     faithfulness: dict[str, float] | None = None
     decision: str | None = None  # the operating point's rule (the argmax without one)
     operating_point: str | None = None  # "mel: above threshold 0.231"
+    metadata: dict[str, Any] | None = None  # fields the model reads, those known for this image, the source
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": str(self.image), "status": "ok", "predicted": self.predicted,
                 "decision": self.decision, "operating_point": self.operating_point,
                 "probabilities": self.probabilities, "target": self.target,
                 "overlay": str(self.overlay) if self.overlay else None, "sidecar": str(self.sidecar),
-                "npy": str(self.npy) if self.npy else None, "faithfulness": self.faithfulness}
+                "npy": str(self.npy) if self.npy else None, "faithfulness": self.faithfulness,
+                "metadata": self.metadata}
 
 
 @dataclass
@@ -90,6 +98,7 @@ class ExplainReport:
     calibration: dict[str, Any] | None = None  # what was applied: method, temperature (None: raw)
     operating_point: dict[str, Any] | None = None  # class, metric, target, threshold
     warnings: list[str] = field(default_factory=list)  # damaged checkpoints 'best' passed over, one line each
+    metadata: dict[str, Any] | None = None  # a metadata model: its fields, the CSVs read, images without any
 
     @property
     def exit_code(self) -> ExitCode:
@@ -108,7 +117,16 @@ class ExplainReport:
                 "layer": self.layer, "tta": self.tta, "calibration": self.calibration,
                 "operating_point": self.operating_point, "out_dir": str(self.out_dir),
                 "images": [r.to_dict() for r in self.rows()],
-                "ok": len(self.results), "failed": len(self.failures), "warnings": self.warnings}
+                "ok": len(self.results), "failed": len(self.failures), "warnings": self.warnings,
+                "metadata": self.metadata_summary()}
+
+    def metadata_summary(self) -> dict[str, Any] | None:
+        """The fields the model reads, the CSV files read, and how many explained images had none of
+        them; None for a model that reads no metadata."""
+        if self.metadata is None:
+            return None
+        without = sum(1 for r in self.results if r.metadata is not None and not r.metadata["known"])
+        return {**self.metadata, "images": len(self.results), "without_metadata": without}
 
 
 def collect_images(paths: Iterable[Path],
@@ -185,6 +203,8 @@ class _Loaded:
     name: Path
     photo: Image.Image
     pixels: np.ndarray
+    row: dict[str, str] | None = None  # its patient metadata (age, sex, localization), for a model that reads it
+    row_source: str | None = None  # the CSV it came from
 
 
 def _load(source: Path, name: Path, preprocessing: dict[str, Any]) -> _Loaded:
@@ -203,7 +223,8 @@ def _load(source: Path, name: Path, preprocessing: dict[str, Any]) -> _Loaded:
 
 def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, report: ExplainReport,
                    sidecar: dict[str, Any], probs: np.ndarray, decision: int, note: str | None, target: int | None,
-                   cam_map: np.ndarray | None, save_npy: bool, scores: dict[str, float] | None) -> ExplainedImage:
+                   cam_map: np.ndarray | None, save_npy: bool, scores: dict[str, float] | None,
+                   metadata: dict[str, Any] | None = None) -> ExplainedImage:
     from dermcam.data.geometry import cache_size, cover_box
     from dermcam.explain.render import render_overlay, save_png
 
@@ -229,10 +250,10 @@ def _write_outputs(image: Image.Image, source: Path, name: Path, out_dir: Path, 
         "target_class": target_name, "target_layer": report.layer if overlay else None, "tta": report.tta,
         "input_size": list(sidecar["preprocessing"]["input_size"]),
         "overlay": overlay.name if overlay else None, "npy": npy.name if npy else None,
-        "faithfulness": scores, "dermcam_version": __version__,
+        "faithfulness": scores, "metadata": metadata, "dermcam_version": __version__,
     })
     return ExplainedImage(source, predicted, probabilities, target_name, overlay, meta_path, npy, scores,
-                          classes[decision], note)
+                          classes[decision], note, metadata)
 
 
 def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: ExplainReport,
@@ -250,6 +271,24 @@ def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: Explain
     from dermcam.explain.tta import predict
 
     x = torch.stack([model_input(item.pixels, sidecar["preprocessing"]) for item in batch])
+    rows, records = _batch_metadata(batch, sidecar) if report.metadata is not None else (None, [None] * len(batch))
+    if rows is not None:  # the prediction, the maps and the scores all read each image's metadata
+        from dermcam.explain.ensemble import grouped_maps
+        from dermcam.explain.metadata import bind, grouped_faithfulness
+
+        outputs = model_outputs(predict(bind(model, rows), x, tta=report.tta)[1], sidecar, calibrated=calibrated)
+        chosen = [int(d) if target is None else target for d in outputs.decisions]
+        own_maps: Any = [None] * len(batch)
+        own_scores: list[dict[str, float] | None] = [None] * len(batch)
+        if cam:
+            own_maps = grouped_maps(model, x, str(report.method), chosen, rows, layer=report.layer,
+                                    member_layers=member_layers, tta=report.tta, reshape_transform=reshape_transform)
+        if cam and score:
+            measured = grouped_faithfulness(model, x, own_maps, chosen, rows)
+            own_scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
+                          for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
+        _write_batch(batch, report, sidecar, outputs, own_maps, chosen, own_scores, target, cam, save_npy, records)
+        return
     outputs = model_outputs(predict(model, x, tta=report.tta)[1], sidecar, calibrated=calibrated)
     targets = [int(d) if target is None else target for d in outputs.decisions]
     maps: np.ndarray | list[None] = [None] * len(batch)
@@ -268,18 +307,71 @@ def _explain_batch(model: torch.nn.Module, batch: list[_Loaded], report: Explain
             measured = faithfulness(model, x, maps, targets)
             scores = [{"deletion_auc": round(d, 6), "insertion_auc": round(i, 6)}
                       for d, i in zip(measured["deletion_auc"], measured["insertion_auc"])]
-    for item, p, d, note, m, t, s in zip(batch, outputs.probs, outputs.decisions, outputs.notes(), maps,
-                                         targets, scores):
+    _write_batch(batch, report, sidecar, outputs, maps, targets, scores, target, cam, save_npy, records)
+
+
+def _write_batch(batch: list[_Loaded], report: ExplainReport, sidecar: dict[str, Any], outputs: Any, maps: Any,
+                 targets: list[int], scores: list[dict[str, float] | None], target: int | None, cam: bool,
+                 save_npy: bool, records: list[dict[str, Any] | None]) -> None:
+    for item, p, d, note, m, t, s, r in zip(batch, outputs.probs, outputs.decisions, outputs.notes(), maps,
+                                            targets, scores, records):
         report.results.append(_write_outputs(item.photo, item.source, item.name, report.out_dir, report, sidecar,
-                                             p, int(d), note, t if cam else target, m, save_npy, s))
+                                             p, int(d), note, t if cam else target, m, save_npy, s, r))
+
+
+def _batch_metadata(batch: list[_Loaded], sidecar: dict[str, Any]) -> tuple[Any, list[dict[str, Any] | None]]:
+    """The batch's encoded metadata for the model (:func:`dermcam.data.metadata.model_metadata`) and,
+    per image, what its sidecar says of it (:func:`dermcam.data.metadata_input.image_metadata`)."""
+    from dermcam.data.metadata import model_metadata
+    from dermcam.data.metadata_input import frame_of, image_metadata
+
+    frame = frame_of([item.row for item in batch])
+    return model_metadata(sidecar, frame), list(image_metadata(sidecar, frame, [i.row_source for i in batch]))
+
+
+class _MetadataRows:
+    """Where each image's metadata comes from: the ``--metadata`` file, else the first ``metadata.csv``
+    in the image's folder or a folder above it up to the folder named on the command line (each read
+    once, before any image is)."""
+
+    def __init__(self, given: Any) -> None:
+        self.given = given  # a read MetadataFile, or None
+        self.found: dict[Path, Any] = {}  # folder -> its metadata.csv read (None: it has none)
+        self.used: list[str] = []
+
+    def read_beside(self, images: list[tuple[Path, Path]]) -> None:
+        """Read every ``metadata.csv`` the images may use (a bad one: a one-line BadInputError)."""
+        from dermcam.data.metadata_input import DEFAULT_NAME, read_metadata_csv
+
+        if self.given is not None:
+            return
+        for source, name in images:
+            for folder in self._folders(source, name):
+                if folder not in self.found:
+                    path = folder / DEFAULT_NAME
+                    self.found[folder] = read_metadata_csv(path, DEFAULT_NAME) if path.is_file() else None
+
+    @staticmethod
+    def _folders(source: Path, name: Path) -> list[Path]:
+        return [source.parents[k] for k in range(min(len(name.parts), len(source.parents)))]
+
+    def row(self, source: Path, name: Path) -> tuple[dict[str, str] | None, str | None]:
+        """(the image's row or None, the CSV read for it or None)."""
+        files = [self.given] if self.given is not None else \
+            [f for f in (self.found.get(d) for d in self._folders(source, name)) if f is not None][:1]
+        for table in files:
+            if str(table.path) not in self.used:
+                self.used.append(str(table.path))
+            return table.lookup(source), str(table.path)
+        return None, None
 
 
 def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None,
             out_dir: Path = Path("dermcam-explain"), recursive: bool = False, method: str = "gradcam",
             target: str | int | None = None, layer: str | None = None, tta: bool = False, cam: bool = True,
             save_npy: bool = False, score: bool = False, calibrated: bool = True, device: str = "auto",
-            batch_size: int = BATCH_SIZE, threads: int | str | None = "auto",
-            progress: Progress | None = None) -> ExplainReport:
+            batch_size: int = BATCH_SIZE, threads: int | str | None = None,
+            progress: Progress | None = None, metadata: str | Path | None = None) -> ExplainReport:
     """Classify and explain images; write ``<name>.cam.png`` (unless ``cam`` is false), ``<name>.json``
     and with ``save_npy`` ``<name>.cam.npy`` (the map at the model's input size) into ``out_dir``.
 
@@ -291,7 +383,13 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     has them (False: the raw softmax and argmax), exactly as ``evaluate`` reports them.
     ``device``: where the model runs (auto: CUDA when present); maps and scores are computed in fp32
     (``explain.cam`` turns autocast off). ``batch_size``: images per forward/backward pass.
-    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores).
+    ``threads``: torch CPU threads (:func:`dermcam.models.device.resolve_threads`; auto: the idle cores;
+    the CLI's default). None keeps torch's count: a caller inside a training process (the end of
+    ``train``, a cross-validation, a distillation) must not change the count its later runs train with.
+    ``metadata``: a CSV of the images' age, sex and site (:func:`dermcam.data.metadata_input.read_metadata_csv`)
+    for a model that reads them; without it a ``metadata.csv`` beside the images is used when there is
+    one. An image without a row is answered without metadata (and its sidecar says so); a model that
+    reads none ignores the file (a warning says so).
     Bad images become :class:`ExplainFailure` entries; everything else raises.
     """
     from dermcam.explain.cam import resolve_layer
@@ -307,11 +405,18 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
         raise BadInputError("--batch-size must be a whole number of 1 or more")
     from dermcam.models.device import apply_threads
 
-    apply_threads(threads)  # checked before any file is read, set before the model's first torch op
+    if threads is not None:
+        apply_threads(threads)  # checked before any file is read, set before the model's first torch op
 
+    given = None
+    if metadata is not None:  # a bad file is refused before the model loads
+        from dermcam.data.metadata_input import read_metadata_csv
+
+        given = read_metadata_csv(metadata)
     images, failures = collect_images([Path(p) for p in paths], recursive)
     notes: list[str] = []
     model, sidecar = load_for_inference(checkpoint, calibrated=calibrated, notes=notes)  # imports torch (start-up)
+    meta_rows, meta_block = _metadata_source(given, images, sidecar, notes)
     from dermcam.models.device import select_device
 
     model.to(select_device(device))  # before any image is read
@@ -331,14 +436,18 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
                            out_dir=Path(out_dir), failures=failures,
                            inputs=[f.image for f in failures] + [p for p, _ in images],
                            calibration=_applied(sidecar, calibrated),
-                           operating_point=_operating_point(sidecar, calibrated), warnings=notes)
+                           operating_point=_operating_point(sidecar, calibrated), warnings=notes,
+                           metadata=meta_block)
     reshape_transform = reshape_transform_for(model) if cam and member_layers is None else None
     progress = progress or Progress()
     progress.start("explain", total=len(images))
     batch: list[_Loaded] = []
     for i, (source, name) in enumerate(images):
         try:
-            batch.append(_load(source, name, sidecar["preprocessing"]))
+            loaded = _load(source, name, sidecar["preprocessing"])
+            if meta_rows is not None:
+                loaded.row, loaded.row_source = meta_rows.row(source, name)
+            batch.append(loaded)
         except DermcamError as exc:
             report.failures.append(ExplainFailure(source, str(exc)))
             progress.advance()
@@ -348,7 +457,32 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
             progress.advance(len(batch))
             batch = []
     progress.finish()
+    if report.metadata is not None and meta_rows is not None:
+        report.metadata["files"] = list(meta_rows.used)
     return report
+
+
+def _metadata_source(given: Any, images: list[tuple[Path, Path]], sidecar: dict[str, Any],
+                     notes: list[str]) -> tuple[_MetadataRows | None, dict[str, Any] | None]:
+    """Where a metadata model's images get their metadata, and the report's block (fields, files); (None,
+    None) for a model that reads none (a warning when a file was given for it)."""
+    from dermcam.data.metadata_input import model_fields
+
+    fields = model_fields(sidecar)
+    if not fields:
+        if given is not None:
+            notes.append(f"the model reads no patient metadata: --metadata {given.path} was ignored")
+        return None, None
+    rows = _MetadataRows(given)
+    rows.read_beside(images)
+    if given is not None:
+        notes.extend(given.notes)
+        if images and not any(given.lookup(source) is not None for source, _ in images):
+            notes.append(f"--metadata {given.path} names none of the {len(images)} images (matched by file name "
+                         "or stem): every image is answered without metadata")
+    else:
+        notes.extend(n for table in rows.found.values() if table is not None for n in table.notes)
+    return rows, {"fields": fields, "files": []}
 
 
 def _applied(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any] | None:
@@ -365,6 +499,8 @@ def _operating_point(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any
 def write_csv(report: ExplainReport, path: Path) -> Path:
     """One row per input image (failures included, with their error), one probability column per class.
 
+    A metadata model's CSV ends with a ``metadata`` column: what each image was answered with
+    ("answered with age, site (sex unknown)", "answered without metadata").
     Text cells (file names, class names, error messages) that a spreadsheet would run as a formula
     (starting with ``= + - @``, tab or CR: a photo named ``=HYPERLINK(...).jpg``) get a leading ``'``,
     as OWASP recommends against CSV injection; number cells are written as numbers.
@@ -377,16 +513,18 @@ def write_csv(report: ExplainReport, path: Path) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     classes = report.classes
+    meta = report.metadata is not None  # a metadata model: what each image was answered with, last
     writer.writerow(["image", "status", "predicted", *(f"p_{c}" for c in classes), "decision", "operating_point",
-                     "target", "overlay", "deletion_auc", "insertion_auc", "error"])
+                     "target", "overlay", "deletion_auc", "insertion_auc", "error", *(["metadata"] if meta else [])])
     for row in report.rows():
         if isinstance(row, ExplainFailure):
             writer.writerow([text(row.image), "error", "", *([""] * len(classes)), "", "", "", "", "", "",
-                             text(row.error)])
+                             text(row.error), *([""] if meta else [])])
             continue
         scores = row.faithfulness or {}
+        answered = [(row.metadata or {}).get("answered", "")] if meta else []
         writer.writerow([text(row.image), "ok", text(row.predicted), *(f"{row.probabilities[c]:.6f}" for c in classes),
                          text(row.decision), text(row.operating_point), text(row.target), text(row.overlay),
-                         scores.get("deletion_auc", ""), scores.get("insertion_auc", ""), ""])
+                         scores.get("deletion_auc", ""), scores.get("insertion_auc", ""), "", *answered])
     atomic_write_bytes(Path(path), buffer.getvalue().encode("utf-8"))
     return Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dermcam.errors import BadInputError, CorruptError, first_line
 from dermcam.models.timm_import import import_timm
@@ -25,18 +25,25 @@ def check_backbone(backbone: str) -> None:
         raise BadInputError(f"unknown backbone '{backbone}'{hint}")
 
 
-def build_model(backbone: str, num_classes: int) -> torch.nn.Module:
+def build_model(backbone: str, num_classes: int, metadata: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """The timm network ``backbone`` with a ``num_classes`` head and random weights.
 
     Used directly when loading a dermcam checkpoint (its weights replace these) and by
     :func:`create_model`. An unknown name is a :class:`BadInputError` that suggests close names.
+    ``metadata``: a recorded metadata spec (a sidecar's ``metadata`` block): the backbone without its
+    classifier inside a :class:`~dermcam.models.metadata.MetadataFusion`, whose head reads the image
+    features and the metadata.
     """
     timm = import_timm()
     if num_classes < 1:
         raise BadInputError(f"num_classes must be at least 1, got {num_classes}")
     check_backbone(backbone)
     try:
-        return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        if metadata is None:
+            return timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        from dermcam.models.metadata import fuse
+
+        return fuse(timm.create_model(backbone, pretrained=False, num_classes=0), num_classes, metadata)
     except RuntimeError as exc:  # e.g. an unknown pretrained tag after the dot
         raise BadInputError(f"cannot build backbone '{backbone}': {first_line(exc)}") from None
 
@@ -56,13 +63,15 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], backb
 
 
 def build_with_weights(backbone: str, num_classes: int, state: Mapping[str, torch.Tensor],
-                       source: str) -> torch.nn.Module:
-    """:func:`build_model` with trained weights loaded by :func:`load_strict` (eval mode)."""
-    return load_strict(build_model(backbone, num_classes), state, backbone, source)
+                       source: str, metadata: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """:func:`build_model` (with ``metadata``, a fusion model) with trained weights loaded by
+    :func:`load_strict` (eval mode)."""
+    return load_strict(build_model(backbone, num_classes, metadata), state, backbone, source)
 
 
 def create_model(backbone: str, num_classes: int, pretrained: str = "auto", *,
-                 progress: Progress | None = None) -> tuple[torch.nn.Module, dict]:
+                 progress: Progress | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict]:
     """timm model with a fresh ``num_classes`` head, initialised from pretrained weights.
 
     ``pretrained`` is ``auto`` (HF cache, then the hub if reachable, then an installed offline weight
@@ -71,15 +80,18 @@ def create_model(backbone: str, num_classes: int, pretrained: str = "auto", *,
     ``{"source": "none" | "hf-cache" | "hub" | "package:<dist>" | "file:<abs path>",
     "dropped_keys": [...], "missing_keys": [...]}``: a pretrained classifier whose shape does not fit
     ``num_classes`` is dropped (listed in ``dropped_keys``) and left freshly initialised.
+    With ``metadata`` (a metadata spec) the weights load into the fusion model's backbone, which has no
+    classifier (so the pretrained one is always dropped and the fused head starts at zero).
     """
+    from dermcam.models.metadata import image_backbone
     from dermcam.models.weights import apply_state_dict, resolve_pretrained  # not needed to load a checkpoint
 
     progress = progress or Progress()
-    model = build_model(backbone, num_classes)
+    model = build_model(backbone, num_classes, metadata)
     if pretrained == "none":
         return model, {"source": "none", "dropped_keys": [], "missing_keys": []}
-    state_dict, source = resolve_pretrained(backbone, pretrained, model)
-    dropped, missing = apply_state_dict(model, state_dict, describe=source)
+    state_dict, source = resolve_pretrained(backbone, pretrained, image_backbone(model))
+    dropped, missing = apply_state_dict(image_backbone(model), state_dict, describe=source)
     if dropped:
         zero_classifier(model)
     progress.log(f"{backbone}: pretrained weights from {source}"
@@ -110,22 +122,28 @@ def freeze_stages(model: torch.nn.Module, stages: int) -> None:
     timm's own coarse parameter groups (stem, stage 1, ..., head), so this works for every family.
     Their BatchNorm statistics still adapt to dermoscopy images.
     """
-    from timm.models import group_parameters
+    from timm.models._manipulate import group_with_matcher
+
+    from dermcam.models.metadata import image_backbone
 
     if stages <= 0:
         return
+    core = image_backbone(model)  # a metadata fusion model's stages are its backbone's
+    # Names as the backbone's matcher knows them; the fusion's own parameters (metadata network, head)
+    # get a prefix no matcher matches, so they fall into the last group, where a classifier would be.
+    prefix = "" if core is model else "backbone."
+    named = [(n[len(prefix):] if n.startswith(prefix) else "+" + n, p) for n, p in model.named_parameters()]
     try:
-        groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+        groups = list(group_with_matcher(named, core.group_matcher(coarse=True), return_values=True).values())
     except (AttributeError, NotImplementedError):
-        raise BadInputError(f"--freeze: {type(model).__name__} does not describe its stages; use --freeze 0") from None
+        raise BadInputError(f"--freeze: {type(core).__name__} does not describe its stages; use --freeze 0") from None
     available = len(groups) - 2  # neither the stem (always frozen with stage 1) nor the head counts
     if stages > available:
-        raise BadInputError(f"--freeze {stages}: {type(model).__name__} has only {available} stages "
+        raise BadInputError(f"--freeze {stages}: {type(core).__name__} has only {available} stages "
                             "before its head")
-    params = dict(model.named_parameters())
     for group in groups[:stages + 1]:
-        for name in group:
-            params[name].requires_grad_(False)
+        for param in group:
+            param.requires_grad_(False)
 
 
 def data_config(model_or_backbone: torch.nn.Module | str) -> dict:
@@ -146,7 +164,9 @@ def data_config(model_or_backbone: torch.nn.Module | str) -> dict:
             raise BadInputError(f"unknown backbone '{model_or_backbone}' (no timm pretrained cfg)")
         resolved = resolve_data_config(pretrained_cfg=cfg.to_dict())
     else:
-        resolved = resolve_data_config({}, model=model_or_backbone)
+        from dermcam.models.metadata import image_backbone
+
+        resolved = resolve_data_config({}, model=image_backbone(model_or_backbone))
     return {
         "input_size": [int(v) for v in resolved["input_size"]],
         "mean": [float(v) for v in resolved["mean"]],

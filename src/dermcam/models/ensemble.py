@@ -1,10 +1,11 @@
 """Several trained models answering as one: the mean of their calibrated probabilities.
 
 An :class:`EnsembleModel` takes the image *as the cache holds it* (float in [0, 1] at the members'
-shared cache size) and gives every member exactly the input it would get on its own: resized to its
-own input size and normalised with its own mean and std (:func:`dermcam.data.geometry.batch_input`
-does the same two steps). Each member's softmax is calibrated with the member's own calibration,
-then the probabilities are averaged with the ensemble's weights.
+shared cache size) and gives every member exactly the input it would get on its own: its own colour
+constancy (:mod:`dermcam.color`), resized to its own input size and normalised with its own mean and
+std (:func:`dermcam.data.geometry.batch_input` does the same three steps). Each member's softmax is
+calibrated with the member's own calibration, then the probabilities are averaged with the ensemble's
+weights.
 
 It returns ``log p`` of the averaged probabilities, so that everything built for one model (softmax,
 TTA averaging, faithfulness scores, ONNX export) gets ``p`` back from ``softmax(log p)``.
@@ -18,7 +19,13 @@ from typing import Any
 
 import torch
 
+from dermcam.color import apply_color_constancy, color_constancy_of
+from dermcam.models.metadata import uses_metadata
+
 LOG_FLOOR = 1e-30  # log(0) guard, as in dermcam.evaluate.calibration
+# An ensemble's patient metadata: one encoded (B, D_i) tensor per member (None: nothing known, or a
+# member that reads none); members trained on other sets encode with their own vocabularies.
+MemberMetadata = Sequence["torch.Tensor | None"] | None
 
 def calibration_terms(calibration: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, bias) such that calibrated = softmax(scale * log p + bias): one per class for vector
@@ -42,13 +49,15 @@ class MemberSpec:
 
 
 class Member(torch.nn.Module):
-    """One member: its own resize + normalisation in front, its own calibration behind."""
+    """One member: its own colour constancy, resize and normalisation in front, its own calibration behind."""
 
     def __init__(self, model: torch.nn.Module, spec: MemberSpec, calibrated: bool) -> None:
         super().__init__()
         self.model = model
+        self.uses_metadata = uses_metadata(model)  # members may differ: each reads its own encoding
         _, height, width = (int(v) for v in spec.preprocessing["input_size"])
         self.size = (height, width)
+        self.color_method = color_constancy_of(spec.preprocessing)  # "none" for sidecars without it
         self.register_buffer("mean", torch.tensor(spec.preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1))
         self.calibrated = bool(calibrated and spec.calibration)
@@ -60,27 +69,35 @@ class Member(torch.nn.Module):
         """The cache image (N, 3, H, W) in [0, 1] -> this member's normalised input, as batch_input makes it."""
         import torch.nn.functional as F
 
+        x = self.color_constancy(x)
         # dermcam.data.geometry.resize, written out: models may not import data (data imports the store,
         # which imports models; tests/test_architecture.py). tests/test_ensemble.py checks they agree.
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return self.normalise(x)
 
+    def color_constancy(self, x: torch.Tensor) -> torch.Tensor:
+        """The cache image in [0, 1] with this member's colour constancy (dermcam.color, the formula
+        geometry.batch_input applies too), at the cache size; separate for the ONNX export's resize."""
+        return apply_color_constancy(x, self.color_method)
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """An image already at this member's input size, in [0, 1] -> normalised with its mean and std
         (separate so that the ONNX export can resize with its own matrices and normalise the same way)."""
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return self.input_probabilities(self.model_input(x))
+    def probabilities(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.input_probabilities(self.model_input(x), meta)
 
-    def input_probabilities(self, z: torch.Tensor) -> torch.Tensor:
+    def input_probabilities(self, z: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         """This member's (calibrated) probabilities for its own normalised input ``z``."""
-        return self.calibrate(self.raw_probabilities(z))
+        return self.calibrate(self.raw_probabilities(z, meta))
 
-    def raw_probabilities(self, z: torch.Tensor) -> torch.Tensor:
-        """Its network's softmax for its own normalised input ``z``, before any calibration."""
-        return self.model(z).float().softmax(1)
+    def raw_probabilities(self, z: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """Its network's softmax for its own normalised input ``z``, before any calibration. ``meta``: its
+        own encoded patient metadata when it is a metadata model (None: nothing known); others ignore it."""
+        out = self.model(z, meta) if self.uses_metadata else self.model(z)
+        return out.float().softmax(1)
 
     def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
         """Its raw probabilities -> what it reports (calibrated, or as they are without a calibration)."""
@@ -105,13 +122,24 @@ class EnsembleModel(torch.nn.Module):
         weights = torch.tensor([float(spec.weight) for spec in specs], dtype=torch.float32)
         self.register_buffer("weights", weights / weights.sum())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._log_mean(member.probabilities(x) for member in self.members)
+    def forward(self, x: torch.Tensor, meta: MemberMetadata = None) -> torch.Tensor:
+        """``meta``: one entry per member, its own encoded metadata (None for a member without metadata,
+        or for one whose image comes without); None for all: nothing known."""
+        return self._log_mean(member.probabilities(x, m) for member, m in zip(self.members, self.each(meta)))
 
-    def combine(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def each(self, meta: MemberMetadata) -> list[torch.Tensor | None]:
+        """``meta`` as one entry per member (None everywhere when None)."""
+        if meta is None:
+            return [None] * len(self.members)
+        if len(meta) != len(self.members):
+            raise ValueError(f"metadata for {len(meta)} members given to an ensemble of {len(self.members)}")
+        return list(meta)
+
+    def combine(self, inputs: Sequence[torch.Tensor], meta: MemberMetadata = None) -> torch.Tensor:
         """``forward`` from each member's own normalised input (:meth:`Member.normalise` of the cache
         image resized to its input size): the ONNX export resizes with fixed matrices, then calls this."""
-        return self._log_mean(member.input_probabilities(z) for member, z in zip(self.members, inputs))
+        return self._log_mean(member.input_probabilities(z, m)
+                              for member, z, m in zip(self.members, inputs, self.each(meta)))
 
     def _log_mean(self, probs: Iterable[torch.Tensor]) -> torch.Tensor:
         total = sum(w * p for w, p in zip(self.weights, probs))
@@ -131,7 +159,8 @@ class WithRaw(torch.nn.Module):
         super().__init__()
         self.ensemble = ensemble
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = [member.raw_probabilities(member.model_input(x)) for member in self.ensemble.members]
+    def forward(self, x: torch.Tensor, meta: MemberMetadata = None) -> torch.Tensor:
+        raw = [member.raw_probabilities(member.model_input(x), m)
+               for member, m in zip(self.ensemble.members, self.ensemble.each(meta))]
         reported = [member.calibrate(p) for member, p in zip(self.ensemble.members, raw)]
         return torch.cat([self.ensemble._log_mean(reported), self.ensemble._log_mean(raw)], dim=1)

@@ -41,8 +41,14 @@ def find_target_layer(model: torch.nn.Module) -> str:
 
     Known timm families use a fixed rule; anything else falls back to a dry forward pass that picks
     the last module producing a spatial (B, C, H, W) map with H, W > 1. Raises :class:`NotFoundError`
-    when no such module exists (e.g. a model that flattens early).
+    when no such module exists (e.g. a model that flattens early). A metadata fusion model's layer is
+    its backbone's (``backbone.<layer>``): the metadata has no spatial map to explain.
     """
+    from dermcam.models.metadata import image_backbone
+
+    core = image_backbone(model)
+    if core is not model:
+        return "backbone." + find_target_layer(core)
     if _is_token_vit(model):
         return f"blocks.{len(model.blocks) - 1}.norm1"
     for module_name, class_name, rule in _FAMILY_RULES:
@@ -150,8 +156,12 @@ def reshape_transform_for(model: torch.nn.Module) -> Callable | None:
     """A function turning the target layer's output into (B, C, H, W), or None for CNNs.
 
     ViT / DeiT blocks emit tokens (B, prefix + H*W, C): drop the class / distillation / register tokens
-    and fold the rest onto the patch grid. Swin blocks in timm emit NHWC maps: permute them.
+    and fold the rest onto the patch grid. Swin blocks in timm emit NHWC maps: permute them. A metadata
+    fusion model's layers are its backbone's, so its backbone decides.
     """
+    from dermcam.models.metadata import image_backbone
+
+    model = image_backbone(model)
     swin = _family_class("timm.models.swin_transformer", "SwinTransformer")
     if _is_token_vit(model):
         return _TokensToMap(int(getattr(model, "num_prefix_tokens", 1)),

@@ -110,6 +110,7 @@ def build_gallery(predictions: pd.DataFrame, data: Any, split: str, model: torch
     ``data``) with their photos and overlays; a CAM that cannot be computed for this model (no spatial
     layer) leaves the gallery empty with a note rather than failing the report."""
     from dermcam.data.geometry import batch_input
+    from dermcam.data.metadata import model_metadata
     from dermcam.explain.ensemble import maps_for
 
     classes = list(sidecar["classes"])
@@ -125,8 +126,10 @@ def build_gallery(predictions: pd.DataFrame, data: Any, split: str, model: torch
     answered, confidence = answers(predictions, classes)
     pixels = np.array(data.images[[rows_of[str(predictions["image_id"].iat[i])] for i in chosen]], dtype=np.uint8)
     targets = [classes.index(answered[i]) for i in chosen]
+    # a metadata model answered these images with their own age, sex and site: so is each map computed
+    rows = model_metadata(sidecar, data.index.iloc[[rows_of[str(predictions["image_id"].iat[i])] for i in chosen]])
     try:
-        maps = maps_for(model, batch_input(pixels, sidecar["preprocessing"]), METHOD, targets)
+        maps = maps_for(model, batch_input(pixels, sidecar["preprocessing"]), METHOD, targets, rows)
     except DermcamError as exc:
         return Gallery(note=f"no Grad-CAM for this model: {exc}")
     cases = [_case(predictions, i, answered[i], float(confidence[i]), image, cam)

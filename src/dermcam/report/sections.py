@@ -206,7 +206,8 @@ def model(inputs: ReportInputs) -> Section:
              ("weights sha256", ((s.get("weights") or {}).get("sha256") or s.get("sha256") or "-")[:16]),
              ("calibration", describe(s.get("calibration"))),
              ("operating point", f"{point['class']}:{point['metric']}={point['target']:g}, threshold "
-                                 f"{point['threshold']:.3f}" if point else "none")]
+                                 f"{point['threshold']:.3f}" if point else "none"),
+             *metadata_facts(inputs)]
     config = sorted((s.get("config") or {}).items())
     trained = s.get("versions") or {}
     names = sorted(set(trained) | set(inputs.versions))
@@ -236,7 +237,8 @@ def _ensemble_model(inputs: ReportInputs) -> Section:
               + (f" (validation balanced accuracy {selection['score']:.3f})"
                  if isinstance(selection.get("score"), (int, float)) else "")),
              ("operating point", f"{point['class']}:{point['metric']}={point['target']:g}, threshold "
-                                 f"{point['threshold']:.3f}" if point else "none")]
+                                 f"{point['threshold']:.3f}" if point else "none"),
+             *metadata_facts(inputs)]
     rows, total = [], sum(float(m.get("weight") or 0) for m in s.get("members") or []) or 1.0
     for m in s.get("members") or []:
         size = m.get("input_size") or []
@@ -250,6 +252,25 @@ def _ensemble_model(inputs: ReportInputs) -> Section:
     versions = table(["library", "this report"], [[n, inputs.versions.get(n, "-")] for n in names])
     return Section("model", "Model, configuration and versions",
                    join([key_values(facts), tag("h3", "Members"), members, tag("h3", "Versions"), versions]))
+
+
+def metadata_facts(inputs: ReportInputs) -> list[tuple[str, str]]:
+    """The patient metadata the model reads (an ensemble: any member; "none: the image only"), and what
+    the evaluation gave it, as evaluate recorded it: per field how many images had a value, and how many
+    had none (answered from the image alone)."""
+    from dermcam.data.metadata_input import model_fields
+
+    fields = model_fields(inputs.sidecar)
+    facts = [("patient metadata", ", ".join(fields) + " (fused with the image features)" if fields
+              else "none: the image only")]
+    summary = inputs.metrics.get("metadata")
+    if fields and isinstance(summary, dict) and summary.get("images"):
+        images, known = int(summary["images"]), summary.get("known") or {}
+        counts = ", ".join(f"{f} {int(known.get(f, 0))}/{images}" for f in summary.get("fields") or fields)
+        none = int(summary.get("without_metadata", 0))
+        facts.append(("metadata in this evaluation",
+                      f"known: {counts}; {none} of {images} images had none (answered from the image alone)"))
+    return facts
 
 
 def metrics(inputs: ReportInputs) -> Section:

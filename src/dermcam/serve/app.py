@@ -1,7 +1,9 @@
 """The ASGI app of ``dermcam serve``: the page, the versioned API, and the rules every request meets.
 
 Routes: ``GET /`` (the page, :mod:`dermcam.serve.page`), ``POST /v1/predict``, ``GET /v1/model``,
-``GET /healthz``, and FastAPI's generated ``/docs`` and ``/openapi.json``.
+``GET /healthz``, and FastAPI's generated ``/docs`` and ``/openapi.json``. ``/v1/predict`` also takes the
+optional form fields ``age``, ``sex`` and ``site`` (once for every image, or once per image) for a model
+trained with patient metadata (:func:`dermcam.serve.model.form_rows`).
 
 Every error is one line of JSON, ``{"error": "..."}``, with a 4xx status for anything a client sent
 wrong (not an image, a truncated or empty file, a decompression bomb, a body over the cap, a wrong
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -29,7 +32,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
@@ -41,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dermcam import __version__
 from dermcam.errors import DermcamError, ExitCode, first_line
 from dermcam.serve.batching import MicroBatcher
-from dermcam.serve.model import Answer, ServedModel, Upload, read_upload, upload_name
+from dermcam.serve.model import Answer, ServedModel, Upload, form_rows, read_upload, upload_name
 from dermcam.serve.settings import ServeSettings
 
 log = logging.getLogger("dermcam.serve")
@@ -64,6 +67,15 @@ class Cam(BaseModel):
     png_base64: str = Field(description="the overlay PNG (photo at most 1024 px on its longer side), base64")
 
 
+class ImageMetadata(BaseModel):
+    fields: list[str] = Field(description="the metadata fields the model reads (age, sex, site)")
+    known: list[str] = Field(description="those this image was given a usable value for (a site the model never "
+                                         "saw is unknown)")
+    answered: str = Field(description="in words: 'answered with age, site (sex unknown)', 'answered without "
+                                      "metadata'")
+    source: str | None = Field(default=None, description="'form' when fields were sent, else null")
+
+
 class ImageResult(BaseModel):
     name: str = Field(description="the uploaded file's name (or 'image N')")
     predicted: str = Field(description="the most probable class")
@@ -72,6 +84,9 @@ class ImageResult(BaseModel):
                                                     "'mel: above threshold 0.231'")
     probabilities: dict[str, float] = Field(description="calibrated probability per class (6 decimals)")
     cam: Cam | None = Field(default=None, description="with cam=1: the Grad-CAM overlay")
+    metadata: ImageMetadata | None = Field(default=None, description="a model that reads patient metadata (or "
+                                                                     "fields sent to one that does not): what it "
+                                                                     "read for this image")
 
 
 class Prediction(BaseModel):
@@ -87,7 +102,8 @@ class Error(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": text} for code, text in (
-    (400, "an image that cannot be used (not an image, empty, truncated, over the pixel cap)"),
+    (400, ("an image that cannot be used (not an image, empty, truncated, over the pixel cap), or a bad "
+           "age, sex or site field")),
     (401, "missing or wrong bearer token (servers started with --token-file)"),
     (413, "request body over --max-upload-mb, or more files than --max-files"),
     (415, "not multipart/form-data"), (422, "a malformed query or form"))}
@@ -294,13 +310,22 @@ def build_app(served: ServedModel, settings: ServeSettings) -> FastAPI:
               dependencies=[Depends(require_multipart)])
     async def predict(file: list[UploadFile] = File(..., description="one or more image files (repeat the field)"),
                       cam: bool = Query(False, description="also return the Grad-CAM overlay of each image's "
-                                                           "decision, as a base64 PNG (slower: run one by one)")
+                                                           "decision, as a base64 PNG (slower: run one by one)"),
+                      age: list[str] | None = Form(None, description="patient age in years, 0-120 (once, or once "
+                                                                      "per file); empty: unknown"),
+                      sex: list[str] | None = Form(None, description="female, male or unknown (once, or once per "
+                                                                      "file)"),
+                      site: list[str] | None = Form(None, description="anatomical site, e.g. back (once, or once "
+                                                                       "per file); GET /v1/model lists the sites "
+                                                                       "the model knows")
                       ) -> dict[str, Any]:
         if len(file) > settings.max_files:
             raise HTTPException(413, f"{len(file)} files in one request; at most {settings.max_files} (--max-files)")
+        rows = form_rows(len(file), age, sex, site)  # checked before any image is decoded
         named = [(upload_name(f.filename, i), await f.read()) for i, f in enumerate(file)]
         uploads = await run_in_threadpool(
-            lambda: [read_upload(name, data, served.preprocessing, photo=cam) for name, data in named])
+            lambda: [dataclasses.replace(read_upload(name, data, served.preprocessing, photo=cam), metadata=row)
+                     for (name, data), row in zip(named, rows)])
         if cam:  # one by one on the model's thread; the overlays drawn beside it
             answers = []
             for upload in uploads:

@@ -11,6 +11,11 @@ overlays from :func:`dermcam.explain.render.render_overlay`.
 
 An uploaded file is untrusted: its name is only ever shown (escaped, shortened), its bytes go through
 the same decoder as a file on disk, and anything wrong with it is a :class:`BadInputError` naming it.
+
+A model trained with patient metadata gets each upload's ``age``, ``sex`` and ``site`` form fields
+(:func:`dermcam.data.metadata_input.form_row`), encoded as training encoded them; the prediction and the
+map both read them (:mod:`dermcam.explain.metadata`), and each answer says which fields the model read
+and which it was given.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Upload:
     name: str
     pixels: np.ndarray
     photo: Image.Image | None = None
+    metadata: Mapping[str, str] | None = None  # its form fields as a row (age, sex, localization); None: none
 
 
 def read_upload(name: str, data: bytes, preprocessing: Mapping[str, Any], *, photo: bool = False) -> Upload:
@@ -100,10 +106,36 @@ class Answer:
     decision: str  # the operating point's rule (the argmax without one)
     operating_point: str | None  # "mel: above threshold 0.231"
     cam: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None  # the fields the model reads and those this image was given
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "predicted": self.predicted, "decision": self.decision,
-                "operating_point": self.operating_point, "probabilities": self.probabilities, "cam": self.cam}
+                "operating_point": self.operating_point, "probabilities": self.probabilities, "cam": self.cam,
+                "metadata": self.metadata}
+
+
+def form_rows(count: int, age: Sequence[str] | None = None, sex: Sequence[str] | None = None,
+              site: Sequence[str] | None = None) -> list[dict[str, str] | None]:
+    """The patient metadata of ``count`` uploaded images from a request's ``age``, ``sex`` and ``site``
+    fields: each field given once (for every image) or once per image, in the order of the files; a
+    one-line BadInputError for any other count or a value :func:`dermcam.data.metadata_input.form_row`
+    refuses (naming the image when there are several)."""
+    from dermcam.data.metadata_input import form_row
+
+    fields = {"age": list(age or []), "sex": list(sex or []), "site": list(site or [])}
+    for name, values in fields.items():
+        if len(values) not in (0, 1, count):
+            raise BadInputError(f"{len(values)} '{name}' fields for {count} images: send it once (for every image) "
+                                "or once per image, in the order of the files")
+    rows = []
+    for i in range(count):
+        picked = {name: (values[i] if len(values) == count else values[0]) if values else None
+                  for name, values in fields.items()}
+        try:
+            rows.append(form_row(**picked))
+        except BadInputError as exc:
+            raise BadInputError(f"image {i + 1}: {exc}" if count > 1 else str(exc)) from None
+    return rows
 
 
 def finite(value: Any) -> Any:
@@ -135,6 +167,9 @@ class ServedModel:
         self.warnings = list(warnings)
         self.is_ensemble = isinstance(model, EnsembleModel)
         self.layers = self._layers()
+        from dermcam.data.metadata_input import model_fields
+
+        self.fields = model_fields(sidecar)  # the patient metadata it reads ([]: none)
 
     @classmethod
     def load(cls, ref: str | Path | None, *, device: str = "auto", root: Path | None = None) -> ServedModel:
@@ -162,24 +197,44 @@ class ServedModel:
         except DermcamError:
             return []  # no spatial layer: predictions still work, ?cam=1 says why it cannot
 
-    def _outputs(self, pixels: Sequence[np.ndarray]) -> tuple[torch.Tensor, ModelOutputs]:
-        """The model's input for cache-sized pixels and its calibrated outputs (explain's path)."""
+    def _metadata(self, uploads: Sequence[Upload]) -> tuple[Any, list[dict[str, Any] | None]]:
+        """The uploads' encoded metadata for the model (None for a model that reads none) and what each
+        answer says of it (which fields the model reads, which this image was given)."""
+        if not self.fields:  # fields sent anyway: the answer says they were ignored
+            return None, [None if u.metadata is None else
+                          {"fields": [], "known": [], "answered": "the model reads no metadata (the fields sent "
+                                                                  "were ignored)", "source": "form"} for u in uploads]
+        from dermcam.data.metadata import model_metadata
+        from dermcam.data.metadata_input import frame_of, image_metadata
+
+        frame = frame_of([u.metadata for u in uploads])
+        records = image_metadata(self.sidecar, frame, ["form" if u.metadata is not None else None for u in uploads])
+        return model_metadata(self.sidecar, frame), list(records)
+
+    def _outputs(self, pixels: Sequence[np.ndarray], rows: Any = None) -> tuple[torch.Tensor, ModelOutputs]:
+        """The model's input for cache-sized pixels and its calibrated outputs (explain's path); ``rows``:
+        their encoded metadata, for a model that reads it."""
         from dermcam.data.geometry import batch_input
         from dermcam.evaluate.operating import model_outputs
+        from dermcam.explain.metadata import bind
         from dermcam.explain.tta import predict
 
         x = batch_input(np.stack([np.asarray(p, dtype=np.uint8) for p in pixels]), self.preprocessing)
-        return x, model_outputs(predict(self.model, x)[1], self.sidecar, calibrated=True)
+        return x, model_outputs(predict(bind(self.model, rows), x)[1], self.sidecar, calibrated=True)
 
-    def _answer(self, name: str, outputs: ModelOutputs, i: int, note: str | None) -> Answer:
+    def _answer(self, name: str, outputs: ModelOutputs, i: int, note: str | None,
+                metadata: dict[str, Any] | None = None) -> Answer:
         probs = outputs.probs[i]
         return Answer(name, {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
-                      self.classes[int(np.argmax(probs))], self.classes[int(outputs.decisions[i])], note)
+                      self.classes[int(np.argmax(probs))], self.classes[int(outputs.decisions[i])], note,
+                      metadata=metadata)
 
     def predict(self, uploads: Sequence[Upload]) -> list[Answer]:
-        """One forward pass over ``uploads``: an answer per image, in order."""
-        _, outputs = self._outputs([u.pixels for u in uploads])
-        return [self._answer(u.name, outputs, i, note) for i, (u, note) in enumerate(zip(uploads, outputs.notes()))]
+        """One forward pass over ``uploads`` (each with its own metadata): an answer per image, in order."""
+        rows, records = self._metadata(uploads)
+        _, outputs = self._outputs([u.pixels for u in uploads], rows)
+        return [self._answer(u.name, outputs, i, note, records[i])
+                for i, (u, note) in enumerate(zip(uploads, outputs.notes()))]
 
     def explain(self, upload: Upload) -> tuple[Answer, np.ndarray]:
         """The answer and the Grad-CAM map (model input size) of the decided class. Torch only: the
@@ -187,9 +242,10 @@ class ServedModel:
         if not self.layers:
             raise BadInputError(f"this model ({self.sidecar.get('backbone')}) has no spatial layer to explain; "
                                 "ask without cam=1")
-        x, outputs = self._outputs([upload.pixels])
-        answer = self._answer(upload.name, outputs, 0, outputs.notes()[0])
-        return answer, self._maps(x, [self.classes.index(answer.decision)])[0]
+        rows, records = self._metadata([upload])
+        x, outputs = self._outputs([upload.pixels], rows)
+        answer = self._answer(upload.name, outputs, 0, outputs.notes()[0], records[0])
+        return answer, self._maps(x, [self.classes.index(answer.decision)], rows)[0]
 
     def overlay(self, upload: Upload, answer: Answer, cam_map: np.ndarray) -> Answer:
         """``answer`` with the map drawn over the upload's photo as ``dermcam explain`` draws it, as a
@@ -206,10 +262,18 @@ class ServedModel:
         cam = {"method": CAM_METHOD, "layer": "; ".join(self.layers), "target": answer.decision,
                "width": image.width, "height": image.height,
                "png_base64": base64.b64encode(buffer.getvalue()).decode("ascii")}
-        return Answer(answer.name, answer.probabilities, answer.predicted, answer.decision, answer.operating_point, cam)
+        return Answer(answer.name, answer.probabilities, answer.predicted, answer.decision, answer.operating_point, cam,
+                      answer.metadata)
 
-    def _maps(self, x: torch.Tensor, targets: list[int]) -> np.ndarray:
-        """Grad-CAM maps of ``targets`` at the start-up layers, as ``explain`` computes them."""
+    def _maps(self, x: torch.Tensor, targets: list[int], rows: Any = None) -> np.ndarray:
+        """Grad-CAM maps of ``targets`` at the start-up layers, as ``explain`` computes them (with the
+        images' metadata ``rows`` bound, for a model that reads it)."""
+        if rows is not None:
+            from dermcam.explain.ensemble import grouped_maps
+
+            return grouped_maps(self.model, x, CAM_METHOD, targets, rows,
+                                layer=None if self.is_ensemble else self.layers[0],
+                                member_layers=self.layers if self.is_ensemble else None)
         if self.is_ensemble:
             from dermcam.explain.ensemble import ensemble_cam
 
@@ -244,9 +308,25 @@ class ServedModel:
                                 if k in point} if point else None,
             "dataset": sidecar.get("dataset") or None, "metrics": sidecar.get("metrics") or {},
             "created": sidecar.get("created"), "cam": {"method": CAM_METHOD, "layer": "; ".join(self.layers) or None},
+            "metadata": self.metadata_card(),
             "device": str(self.device), "threads": _threads(), "dermcam_version": __version__,
             "disclaimer": DISCLAIMER, "intended_use": INTENDED_USE, "not_intended_for": NOT_INTENDED,
         })
+
+
+    def metadata_card(self) -> dict[str, Any] | None:
+        """What a form needs to ask for the model's patient metadata: its fields, the sites it knows, the
+        sexes and the age range; None for a model that reads none."""
+        if not self.fields:
+            return None
+        from dermcam.data.metadata_input import model_sites
+        from dermcam.metadata_spec import AGE_RANGE, SEXES
+
+        return {"fields": list(self.fields), "form_fields": {"age": "age", "sex": "sex", "site": "site"},
+                "sites": model_sites(self.sidecar) if "site" in self.fields else [],
+                "sexes": list(SEXES) if "sex" in self.fields else [],
+                "age_range": list(AGE_RANGE) if "age" in self.fields else None,
+                "unknown": "leave a field empty when it is unknown; a site the model never saw counts as unknown"}
 
 
 def _threads() -> int:

@@ -22,6 +22,7 @@ stored where it lies (its run folder, its epoch's file names): a sidecar that fa
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from dermcam.errors import CorruptError, DermcamError, NotFoundError
 from dermcam.store import schema as s
 from dermcam.store.files import atomic_write_json, read_json, utc_now
 from dermcam.store.locks import store_lock
-from dermcam.store.paths import contained
+from dermcam.store.paths import PLAIN_NAME, contained
 from dermcam.store.tensors import check_tensors, load_tensors, save_tensors, split_state, state_outline, tensor_header
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.json$")
 TRAINING_STATE = s.obj(optional={
     "epoch": s.EPOCH, "step": s.integer(), "bad_epochs": s.integer(), "stopped": s.boolean,
     "best": s.nullable(s.obj({"epoch": s.EPOCH, "value": s.number(), "id": s.CHECKPOINT_ID})),
+})
+
+# A distilled student's teacher (dermcam.train.distill): the ensemble, the sha256 of its manifest when the
+# run started (a resume checks it), and the loss's temperature and weight. Information for every command
+# but resume, which relies on it: a damaged block makes the sidecar damaged, never a silent other teacher.
+DISTILLATION = s.obj({
+    "teacher": s.text(re.compile("ensemble:" + PLAIN_NAME.pattern), why="is not an ensemble (ensemble:NAME)"),
+    "sha256": s.SHA256,
+    "temperature": s.number(above=0.0),
+    "alpha": s.satisfies(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+                         "is not a number from 0 to 1"),
 })
 
 SIDECAR = s.all_of(s.obj({
@@ -75,6 +87,8 @@ SIDECAR = s.all_of(s.obj({
     "train_loss": s.nullable(s.number(finite=False)),
     "calibration": s.CALIBRATION,
     "operating_point": s.OPERATING_POINT,
+    "distillation": DISTILLATION,
+    "metadata": s.METADATA,  # the patient metadata a fusion model reads (dermcam.metadata_spec)
 }), s.fits_classes)
 
 
@@ -261,8 +275,10 @@ def check_usable(ckpt: Checkpoint) -> None:
         raise CorruptError(f"{ckpt.sidecar_path}: its weights file {weights.name} has {weights.stat().st_size} "
                            f"bytes, the sidecar says {size} (damaged or modified)")
     backbone, classes = ckpt.sidecar["backbone"], ckpt.sidecar["classes"]
+    metadata = ckpt.sidecar.get("metadata")
     try:
-        expected = backbone_tensors(backbone, len(classes))
+        expected = backbone_tensors(backbone, len(classes),
+                                    None if metadata is None else json.dumps(metadata, sort_keys=True))
     except DermcamError as exc:
         raise CorruptError(f"{ckpt.sidecar_path}: {exc} (damaged or modified, or written with another timm "
                            "version)") from None
@@ -274,17 +290,19 @@ def check_usable(ckpt: Checkpoint) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def backbone_tensors(backbone: str, num_classes: int) -> dict[str, torch.Tensor]:
+def backbone_tensors(backbone: str, num_classes: int, metadata: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of ``backbone`` with ``num_classes`` outputs as meta tensors (names, shapes and
     dtypes, no memory), once per process per backbone. An unknown name is
-    :func:`dermcam.models.backbones.build_model`'s BadInputError.
+    :func:`dermcam.models.backbones.build_model`'s BadInputError. ``metadata``: the sidecar's metadata
+    spec as JSON text (hashable, for the cache): the fusion model it describes.
 
     Built on the CPU and moved, not built under ``torch.device("meta")``: that context imports
     ``torch._dynamo`` (3 s on the 2-core VM, what :mod:`dermcam.models.timm_import` defers), while a
     CPU build of efficientnet_lite0 takes 0.1 s."""
     from dermcam.models.backbones import build_model
 
-    return {k: v.to("meta") for k, v in build_model(backbone, num_classes).state_dict().items()}
+    spec = None if metadata is None else json.loads(metadata)
+    return {k: v.to("meta") for k, v in build_model(backbone, num_classes, spec).state_dict().items()}
 
 
 def _check_location(ckpt: Checkpoint) -> None:

@@ -71,6 +71,7 @@ MEMBER_META = s.obj({
 }, optional={
     "tensors_sha256": s.SHA256,  # required in a safetensors export (checked in _members_fit), absent in ONNX
     "metrics": s.obj(), "monitor": s.MONITOR, "dataset": s.DATASET, "config": s.CONFIG,
+    "metadata": s.METADATA,  # a metadata fusion member's encoding (dermcam.metadata_spec)
 })
 
 
@@ -106,7 +107,7 @@ def _members_fit(value: Any, field: str) -> None:
     width, height = next(iter(sizes))
     pre = value["preprocessing"]  # dermcam.data.geometry.identity_preprocessing at that size
     if (pre["input_size"] != [3, height, width] or pre["mean"] != [0, 0, 0] or pre["std"] != [1, 1, 1]
-            or pre.get("cache_size") != [width, height]):
+            or pre.get("cache_size") != [width, height] or pre.get("color_constancy", "none") != "none"):
         raise s.Invalid(at("preprocessing"), "is not the members' cache image as is (identity at their "
                                              "cache size)")
     point = value.get("operating_point")
@@ -162,7 +163,7 @@ def ensemble_document(ensemble: Ensemble, member_docs: Sequence[Mapping[str, Any
             "weight": member["weight"] / total,
             "source": {"id": member["id"], "sha256": member["sha256"],
                        **{k: source[k] for k in ("run_id", "epoch", "created", "versions") if k in source}},
-            **{k: doc[k] for k in ("metrics", "monitor", "dataset", "config", "pretrained") if k in doc},
+            **{k: doc[k] for k in ("metrics", "monitor", "dataset", "config", "pretrained", "metadata") if k in doc},
         }
         if digests is not None:
             entry["tensors_sha256"] = digests[i]
@@ -220,7 +221,8 @@ def ensemble_info(meta: Mapping[str, Any], path: Path, file_sha256: str) -> dict
         "operating_point": meta.get("operating_point"),
         "members": [{"id": m["source"]["id"], "sha256": m["source"]["sha256"], "backbone": m["backbone"],
                      "weight": m["weight"], "input_size": m["preprocessing"]["input_size"],
-                     "calibration": m.get("calibration")} for m in members],
+                     "calibration": m.get("calibration"),
+                     **({"metadata": m["metadata"]} if m.get("metadata") is not None else {})} for m in members],
         "rule": meta["rule"],
         "weights": {"file": str(path), "sha256": file_sha256, "size": path.stat().st_size},
         "schema": meta["schema"], "dtype": meta["dtype"], "source_id": source.get("id"), "sha256": file_sha256,

@@ -89,6 +89,8 @@ def model_document(ckpt: Checkpoint) -> dict[str, Any]:
         "pretrained": side.get("pretrained"),
         # How outputs become calibrated probabilities and decisions (present only once calibrated).
         **{k: side[k] for k in ("calibration", "operating_point") if side.get(k) is not None},
+        # The patient metadata a fusion model reads (dermcam.metadata_spec): rebuilds its network.
+        **({"metadata": side["metadata"]} if side.get("metadata") is not None else {}),
         "source": {"id": ckpt.id, "run_id": ckpt.run_id, "epoch": ckpt.epoch,
                    "sha256": side["weights"]["sha256"], "created": side.get("created"),
                    "versions": side.get("versions") or {}},
@@ -437,6 +439,6 @@ def _imported_sidecar(meta: Mapping[str, Any], imported: dict[str, Any]) -> dict
     """The sidecar of an imported checkpoint; optional objects the file lacks are empty, never null."""
     keys = ("backbone", "classes", "label_encoding", "preprocessing", "pretrained")
     objects = ("metrics", "monitor", "config", "dataset")
-    calibrated = {k: meta[k] for k in ("calibration", "operating_point") if meta.get(k) is not None}
+    calibrated = {k: meta[k] for k in ("calibration", "operating_point", "metadata") if meta.get(k) is not None}
     return {**{k: meta.get(k) for k in keys}, **{k: meta.get(k) or {} for k in objects}, **calibrated,
             "imported": imported}

@@ -75,6 +75,7 @@ EXPORT_META = s.all_of(s.obj({
     "exported": s.TIMESTAMP,
     "calibration": s.CALIBRATION,
     "operating_point": s.OPERATING_POINT,
+    "metadata": s.METADATA,
 }), s.fits_classes)
 
 
@@ -222,12 +223,14 @@ def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
     return meta
 
 
-def _reference_model(path: Path, backbone: str, num_classes: int) -> torch.nn.Module:
-    """The network the file claims to hold, built empty, to check the tensors against."""
+def _reference_model(path: Path, backbone: str, num_classes: int,
+                     metadata: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The network the file claims to hold, built empty, to check the tensors against (with
+    ``metadata``, a validated metadata spec: the fusion model it describes)."""
     from dermcam.models.backbones import build_model
 
     try:
-        return build_model(backbone, num_classes)
+        return build_model(backbone, num_classes, metadata)
     except DermcamError as exc:
         raise BadInputError(f"{path}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -259,7 +262,7 @@ def read_exported(path: Path, *, calibrated: bool = True) -> tuple[ExportedFile,
     header, meta = read_header(path)
     if is_ensemble_document(meta):
         return _read_ensemble(path, header, meta, calibrated)
-    model = _reference_model(path, meta["backbone"], len(meta["classes"]))
+    model = _reference_model(path, meta["backbone"], len(meta["classes"]), meta.get("metadata"))
     _check_tensors(path, header, model.state_dict(), meta["backbone"])
     tensors = _load_tensors(path)
     if tensor_digest(tensors) != meta["tensors_sha256"]:
@@ -281,7 +284,7 @@ def _read_ensemble(path: Path, header: dict[str, Any], meta: dict[str, Any],
     members = meta["members"]
     models = []
     for member, entries in zip(members, groups):
-        model = _reference_model(path, member["backbone"], member["num_classes"])
+        model = _reference_model(path, member["backbone"], member["num_classes"], member.get("metadata"))
         _check_tensors(path, entries, model.state_dict(), member["backbone"], member["prefix"])
         models.append(model)
     tensors = _load_tensors(path)

@@ -14,11 +14,12 @@ if TYPE_CHECKING:
 
 
 def model_from_checkpoint(ckpt: Checkpoint, verify: bool = True) -> torch.nn.Module:
-    """Build the sidecar's backbone and load the checkpoint's weights (strict: shapes must match)."""
+    """Build the sidecar's backbone and load the checkpoint's weights (strict: shapes must match); with
+    a ``metadata`` block, the metadata fusion model it describes."""
     from dermcam.models.backbones import build_with_weights
 
     return build_with_weights(ckpt.sidecar["backbone"], len(ckpt.sidecar["classes"]), ckpt.load_weights(verify=verify),
-                              f"checkpoint {ckpt.id}")
+                              f"checkpoint {ckpt.id}", ckpt.sidecar.get("metadata"))
 
 
 def load_for_inference(ref: str | Path | None = None, root: Path | None = None, *, calibrated: bool = True,
@@ -60,4 +61,8 @@ def load_ensemble(ensemble: Ensemble, root: Path | None = None, *,
     ckpts = member_checkpoints(ensemble, root)
     models = [model_from_checkpoint(c) for c in ckpts]
     specs = [MemberSpec(m["preprocessing"], m.get("calibration"), m["weight"]) for m in ensemble.manifest["members"]]
-    return EnsembleModel(models, specs, calibrated=calibrated).eval(), scoring_document(ensemble)
+    document = scoring_document(ensemble)
+    for member, ckpt in zip(document["members"], ckpts):  # each member reads its own metadata encoding
+        if ckpt.sidecar.get("metadata") is not None:
+            member["metadata"] = ckpt.sidecar["metadata"]
+    return EnsembleModel(models, specs, calibrated=calibrated).eval(), document

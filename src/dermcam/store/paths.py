@@ -5,6 +5,7 @@ Layout under the store root::
     datasets/<name>/        prepared data sets (see dermcam.data)
     runs/<run_id>/          training runs and their checkpoints (see dermcam.store.checkpoint)
     ensembles/<name>.json   ensembles: manifests naming member checkpoints (see dermcam.store.ensembles)
+    crossval/<name>/        cross-validations: cv.json and the out-of-fold predictions (see dermcam.store.crossval)
     locks/                  advisory lock files (see dermcam.store.locks)
 """
 
@@ -40,6 +41,10 @@ def runs_dir(root: Path | None = None) -> Path:
 
 def ensembles_dir(root: Path | None = None) -> Path:
     return (root or home()) / "ensembles"
+
+
+def crossval_dir(root: Path | None = None) -> Path:
+    return (root or home()) / "crossval"
 
 
 def contained(base: Path, name: object, what: str, error: type[DermcamError] = CorruptError) -> Path:

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from dermcam.color import COLOR_CONSTANCY_METHODS
 from dermcam.errors import CorruptError
 from dermcam.store.paths import PLAIN_NAME
 
@@ -194,9 +195,21 @@ PREPROCESSING = obj({
     "mean": _TRIPLE,
     "std": fixed(number(above=1e-6), number(above=1e-6), number(above=1e-6)),
 }, optional={"interpolation": text(max_len=32), "resize": text(max_len=1000),
-             "cache_size": nullable(fixed(_SIDE, _SIDE))})
+             "cache_size": nullable(fixed(_SIDE, _SIDE)),
+             # changes every pixel the model sees: a value no dermcam applies is damage, not a no-op
+             "color_constancy": one_of(*COLOR_CONSTANCY_METHODS)})
 
 MONITOR = obj(optional={"name": text(max_len=100), "mode": one_of("min", "max"), "value": nullable(number())})
+
+
+def METADATA(value: Any, field: str) -> None:  # noqa: N802 - a schema constant, like its neighbours
+    """A model's patient-metadata encoding (:func:`dermcam.metadata_spec.spec_problem`): it shapes the
+    network and every encoded row, so a damaged one is damage, not a detail."""
+    from dermcam.metadata_spec import spec_problem
+
+    problem = spec_problem(value)
+    if problem is not None:
+        raise Invalid(field, f"is not a usable metadata encoding: {problem}")
 
 DATASET = obj(optional={"name": NAME, "fingerprint": text(max_len=200)})
 

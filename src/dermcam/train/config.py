@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from dermcam.checks import MAX_BATCH_SIZE, MAX_EPOCHS, SEED_MAX, check_int, check_text
+from dermcam.color import COLOR_CONSTANCY_METHODS
 from dermcam.data.geometry import parse_size
 from dermcam.errors import BadInputError
 
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 2048  # model input, pixels per side
 MAX_FREEZE = 100  # --freeze counts stages; no timm backbone has nearly as many
+MIN_FOLDS, MAX_FOLDS = 2, 20  # cross-validation: --folds K
+MAX_DISTILL_TEMPERATURE = 100.0
 MONITORS = ("val_balanced_accuracy", "val_macro_f1", "val_auc_macro", "val_recall_mel", "val_accuracy", "val_loss")
 
 
@@ -47,6 +50,18 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     operating_point: str | None = None  # "mel:sensitivity=0.90": chosen on val after calibration
+    color_constancy: str = "none"  # "shades-of-gray": each image's illuminant divided out (p=6), everywhere
+    metadata: str | None = None  # "age,sex,site": patient metadata fused with the image features
+    folds: int | None = None  # cross-validation: train+val cut into this many grouped folds ...
+    fold: int | None = None  # ... and this run holds out fold `fold` (0-based) as its validation
+    teacher: str | None = None  # distillation: the ensemble whose calibrated probabilities are the soft targets
+    # Distillation defaults from the literature, not yet measured here (docs/ensembles.md, "Distillation").
+    # T=2: the low end of Hinton et al.'s 2..20, usual for few classes; the teacher's probabilities on its
+    # own training images are more confident than its calibration (fitted on val) assumes, and p^(1/2)
+    # gives the runner-up classes back some weight. alpha=0.7: Hinton et al. found a "considerably lower
+    # weight" on the true labels works best; 0.3 of the true labels keeps the class-weighted hard loss.
+    distill_temperature: float = 2.0  # softens teacher and student before their KL term
+    distill_alpha: float = 0.7  # weight of the distillation term; 1 - alpha weighs the true labels
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, str) and self.image_size.strip().isdigit():
@@ -76,12 +91,20 @@ class TrainConfig:
              f"--monitor must be one of {', '.join(MONITORS)} or val_recall_<class>"),
             (finite["label_smoothing"] and 0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (finite["ema_decay"] and 0 < self.ema_decay < 1, "--ema-decay must be in (0, 1)"),
+            (self.color_constancy in COLOR_CONSTANCY_METHODS,
+             f"--color-constancy {self.color_constancy!r} must be {' or '.join(COLOR_CONSTANCY_METHODS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise BadInputError(message)
         if self.image_size is not None:
             self.input_size()
+        self.check_folds()
+        self.check_distillation()
+        if self.metadata is not None:  # "age,sex,site"; the diagnosis method (dx_type) leaks the label: refused
+            from dermcam.metadata_spec import parse_fields
+
+            parse_fields(self.metadata, "--metadata")
         if self.operating_point is not None:
             from dermcam.evaluate.operating import parse_operating_point
 
@@ -89,6 +112,34 @@ class TrainConfig:
         from dermcam.models.backbones import check_backbone  # imports timm: the last check
 
         check_backbone(self.backbone)
+
+    def check_folds(self) -> None:
+        """``folds`` K from 2 to 20; ``fold`` (the held-out fold of one cross-validation run) from 0 to K-1,
+        and only with ``folds``: a fold number means nothing without the K that cut the folds."""
+        if self.folds is not None:
+            check_int(self.folds, "--folds", MIN_FOLDS, MAX_FOLDS)
+        if self.fold is not None:
+            if self.folds is None:
+                raise BadInputError("--fold needs --folds: a fold is one of K folds")
+            check_int(self.fold, "--fold", 0, self.folds - 1)
+
+    def check_distillation(self) -> None:
+        """``teacher`` an ensemble name (``NAME`` or ``ensemble:NAME``); the temperature a finite number
+        above 0 (at most 100: beyond it both distributions are uniform and the KL term says nothing);
+        alpha in [0, 1]. Checked for every run, so a TOML file cannot slip in a bad value either."""
+        if not (_finite(self.distill_temperature) and 0 < self.distill_temperature <= MAX_DISTILL_TEMPERATURE):
+            raise BadInputError(f"--temperature (distill_temperature) must be a number above 0, at most "
+                                f"{MAX_DISTILL_TEMPERATURE:g}")
+        if not (_finite(self.distill_alpha) and 0 <= self.distill_alpha <= 1):
+            raise BadInputError("--alpha (distill_alpha) must be a number from 0 to 1")
+        if self.teacher is None:
+            return
+        from dermcam.store.ensembles import PREFIX, check_name
+
+        check_text(self.teacher, "teacher")
+        check_name(self.teacher.removeprefix(PREFIX))
+        if self.folds is not None:
+            raise BadInputError("a distilled student is one model: --folds does not go with a teacher")
 
     def input_size(self, default: tuple[int, int] | None = None) -> tuple[int, int]:
         """The model input as ``(height, width)`` (torch's order): ``image_size``, else ``default``."""
@@ -123,7 +174,7 @@ def option_name(field_name: str) -> str:
 
 # Python types each annotation admits (an int is a valid float; a bool is not a valid int).
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-                                       "str | None": (str, type(None)),
+                                       "str | None": (str, type(None)), "int | None": (int, type(None)),
                                        "int | str | None": (int, str, type(None))}
 
 

@@ -34,9 +34,11 @@ def param_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
     """Backbone at ``lr``, the new head at ``lr * head_lr_scale``; no weight decay on norms and biases.
 
     The default scale is 1: with AdamW every weight moves about ``lr`` per step whatever the size of
-    its gradient, so a fresh head does not need a larger rate to keep up.
+    its gradient, so a fresh head does not need a larger rate to keep up. A metadata fusion model's head
+    also includes its metadata network (fresh too): ``head_parameters()``.
     """
-    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    head = model.head_parameters() if hasattr(model, "head_parameters") else model.get_classifier().parameters()
+    head_ids = {id(p) for p in head}
     groups: dict[tuple[bool, bool], list[Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -30,7 +30,7 @@ from dermcam.progress import Progress
 from dermcam.train import distributed
 from dermcam.train.config import TrainConfig, TrainResult, expand_grid, load_experiments, monitor_mode
 from dermcam.train.ema import EMA
-from dermcam.train.loss import WeightedCrossEntropy, class_weights
+from dermcam.train.loss import DistillationLoss, WeightedCrossEntropy, class_weights
 from dermcam.train.pipeline import BatchPipeline
 from dermcam.train.rng import rng_state, seed_everything, seed_rank, set_rng_state
 from dermcam.train.schedule import epoch_order, lr_multiplier, param_groups
@@ -83,8 +83,12 @@ class Trainer:
     """One run: owns the model, optimizer and loop state; :meth:`fit` runs it to the end."""
 
     def __init__(self, config: TrainConfig | None, *, root: Path | None = None, progress: Progress | None = None,
-                 resume: bool = False, run: str | None = None, overrides: dict[str, Any] | None = None) -> None:
+                 resume: bool = False, run: str | None = None, overrides: dict[str, Any] | None = None,
+                 new_run_id: str | None = None) -> None:
         self.root = root
+        # the id a new run gets (None: a random one); cross-validation names each fold run before it
+        # starts, so that a fold interrupted at any moment is found again (dermcam.train.crossval)
+        self.new_run_id = new_run_id
         self.dist = distributed.current()
         self.progress = (progress or Progress()) if self.dist.is_main else Progress()
         self.resume = resume
@@ -125,12 +129,16 @@ class Trainer:
             self.resume_ckpt = resume_point(self.run_dir)
         else:
             self.config.validate()
+            if self.config.folds is not None and self.config.fold is None:  # a run is one fold, never all of them
+                raise BadInputError("folds without fold is a whole cross-validation: dermcam train --folds K "
+                                    "(dermcam.train.crossval.cross_validate)")
 
     def build(self) -> None:
         """Data, model, optimizer and loss; public so benchmarks can time the loop's parts."""
         import torch
 
         from dermcam.data.dataset import load_prepared
+        from dermcam.data.folds import split_rows
         from dermcam.models.backbones import build_model, create_model, data_config, freeze_stages
         from dermcam.models.compile import maybe_compile
         from dermcam.models.device import resolve_precision, select_device
@@ -153,11 +161,12 @@ class Trainer:
         # Validation scores images as evaluate and explain do (fp32 unless bf16/fp16 was asked for).
         self.scoring_precision = resolve_precision(cfg.precision, self.device, scoring=True)
         seed_everything(cfg.seed)
+        self.metadata = self._metadata_spec()  # --metadata: fitted on this run's training rows
         if self.resume_ckpt is None:
             self.model, self.pretrained = create_model(cfg.backbone, len(self.classes), cfg.pretrained,
-                                                       progress=self.progress)
+                                                       progress=self.progress, metadata=self._metadata_block())
         else:
-            self.model = build_model(cfg.backbone, len(self.classes))
+            self.model = build_model(cfg.backbone, len(self.classes), self._metadata_block())
             self.pretrained = self.resume_ckpt.sidecar.get("pretrained")
         freeze_stages(self.model, cfg.freeze)
         dc = data_config(self.model)
@@ -166,7 +175,8 @@ class Trainer:
         self.preprocessing = {"input_size": [3, int(height), int(width)], "mean": list(dc["mean"]),
                               "std": list(dc["std"]), "interpolation": "bilinear", "cache_size": cache,
                               "resize": "photo cropped at the centre to the cache_size aspect ratio (cover), "
-                                        "then the whole of it resized to input_size"}
+                                        "then the whole of it resized to input_size",
+                              "color_constancy": cfg.color_constancy}  # "none" written out too
         if width > cache[0] or height > cache[1]:
             needed = f"{max(width, cache[0])}x{max(height, cache[1])}"
             self.progress.log(f"Note: --image-size {width}x{height} is larger than the cache of data set "
@@ -185,8 +195,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
-        self.train_rows, self.train_labels = self.data.split("train")
-        self.val_rows, self.val_labels = self.data.split("val")
+        # a cross-validation fold run: train+val minus fold `fold`, validated on that fold (data/folds.py)
+        self.train_rows, self.train_labels = split_rows(self.data, "train", cfg.folds, cfg.fold, cfg.seed)
+        self.val_rows, self.val_labels = split_rows(self.data, "val", cfg.folds, cfg.fold, cfg.seed)
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
             raise BadInputError(f"data set '{self.data.name}' has an empty train or val split; "
                                 "prepare it with more images")
@@ -198,10 +209,21 @@ class Trainer:
                                 f"{cfg.batch_size}; every process needs its share of a full batch")
         self.loss_fn = WeightedCrossEntropy(None if weights is None else torch.from_numpy(weights).to(self.device),
                                             cfg.label_smoothing)
+        self.teacher = self._teacher() if cfg.teacher is not None else None
+        if self.teacher is not None:  # distillation: the teacher's soft targets ride with the labels to the loss
+            self.loss_fn = DistillationLoss(self.loss_fn, cfg.distill_temperature, cfg.distill_alpha)
+        extras = {"soft": self.teacher.targets} if self.teacher is not None else {}
+        self.val_metadata = None
+        if self.metadata is not None:  # each row's encoded patient metadata, fused with its image in the model
+            from dermcam.data.metadata import encode
+
+            extras["meta"] = encode(self.metadata, self.data.index.iloc[self.train_rows])
+            self.val_metadata = encode(self.metadata, self.data.index.iloc[self.val_rows])
         self.pipeline = BatchPipeline(self.data.images, self.train_rows, self.train_labels,
                                       batch_size=cfg.batch_size, preprocessing=self.preprocessing,
                                       augment=cfg.augment, seed=cfg.seed, device=self.device,
-                                      channels_last=cfg.channels_last, shard=self.dist.shard)
+                                      channels_last=cfg.channels_last, shard=self.dist.shard,
+                                      extras=extras)
         n = len(self.train_rows)
         self.batches_per_epoch = max(1, n // cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
@@ -214,6 +236,43 @@ class Trainer:
         self.bad_epochs = 0
         self.stopped = False
         self.history: list[dict[str, Any]] = []
+
+    def _teacher(self) -> Any:
+        """A student run's teacher and the soft targets of its train rows (:mod:`dermcam.train.distill`):
+        computed for a new run (written to the run folder once it exists, in :meth:`fit`), read back on
+        resume, and checked against what the checkpoint being resumed recorded."""
+        from dermcam.train.distill import prepare_teacher
+
+        recorded = self.resume_ckpt.sidecar.get("distillation") if self.resume_ckpt is not None else None
+        return prepare_teacher(self.config, self.data, self.train_rows, self.classes,
+                               run_dir=self.run_dir if self.resume else None, recorded=recorded, device=self.device,
+                               precision=self.scoring_precision, batch_size=max(32, self.config.batch_size),
+                               root=self.root, progress=self.progress)
+
+    def _metadata_spec(self) -> Any:
+        """The run's patient-metadata encoding (``--metadata``; None without it): for a new run fitted on
+        its training rows (age scaling, site vocabulary), for a resumed one the encoding its checkpoint
+        recorded, which its model was built with."""
+        cfg = self.config
+        if cfg.metadata is None:
+            return None
+        from dermcam.data.folds import split_rows
+        from dermcam.data.metadata import MetadataSpec, fit_spec, known
+
+        if self.resume_ckpt is not None and self.resume_ckpt.sidecar.get("metadata") is not None:
+            return MetadataSpec.from_dict(self.resume_ckpt.sidecar["metadata"], f"checkpoint {self.resume_ckpt.id}")
+        rows = self.data.index.iloc[split_rows(self.data, "train", cfg.folds, cfg.fold, cfg.seed)[0]]
+        spec = fit_spec(cfg.metadata, rows)
+        masks = list(known(spec, rows).values())
+        none = int((~np.logical_or.reduce(masks)).sum()) if masks else len(rows)
+        self.progress.log(f"Metadata: {', '.join(spec.fields)} ({spec.dim} features"
+                          + (f", {len(spec.sites)} sites" if "site" in spec.fields else "")
+                          + f"); {none} of {len(rows)} training images have none of them")
+        return spec
+
+    def _metadata_block(self) -> dict[str, Any] | None:
+        """The metadata encoding as the sidecar records it (None without metadata)."""
+        return None if self.metadata is None else self.metadata.to_dict()
 
     def _wrap_ddp(self) -> Any:
         """DistributedDataParallel around the model for the training forward; ``self.model`` stays the
@@ -287,20 +346,24 @@ class Trainer:
         local = float(self.sample_weights[picks[self.dist.shard(len(picks))]].sum())
         return self.dist.world_size * local / float(self.sample_weights[picks].sum())
 
-    def forward_backward(self, x: Any, y: Any, scale: float = 1.0) -> float:
+    def forward_backward(self, x: Any, y: Any, extras: dict[str, Any] | None = None, scale: float = 1.0) -> float:
         """Loss and gradients of one micro-batch (the bare model step that benchmarks compare with).
 
+        ``extras``: the batch's per-image extras (:class:`~dermcam.train.pipeline.BatchPipeline`);
         ``scale`` is :meth:`loss_scale` (distributed training only); the returned loss is unscaled.
         """
         from dermcam.models.device import autocast
 
+        extras = extras or {}
         with autocast(self.device, self.precision):
-            loss = self.loss_fn(self.train_model(x).float(), y)
+            # "meta": patient metadata the model fuses with the image; "soft": a teacher's targets for the loss
+            logits = (self.train_model(x, extras["meta"]) if "meta" in extras else self.train_model(x)).float()
+            loss = self.loss_fn(logits, y, extras["soft"]) if "soft" in extras else self.loss_fn(logits, y)
         scaled = loss if scale == 1.0 else loss * scale
         self.scaler.scale(scaled / self.config.accumulate).backward()
         return float(loss.detach())
 
-    def _first_compiled_step(self, x: Any, y: Any, scale: float) -> float:
+    def _first_compiled_step(self, x: Any, y: Any, extras: dict[str, Any], scale: float) -> float:
         """The first :meth:`forward_backward` of a compiled model, with a way back to eager.
 
         torch.compile compiles at the first call (forward) and the first backward, so a backend that
@@ -318,7 +381,7 @@ class Trainer:
         rng = rng_state()
         buffers = {name: t.detach().clone() for name, t in self.model.named_buffers()}
         try:
-            return self.forward_backward(x, y, scale)
+            return self.forward_backward(x, y, extras, scale)
         except Exception as exc:  # noqa: BLE001 - a compile failure means "train eagerly"; a real error recurs below
             with torch.no_grad():
                 for name, t in self.model.named_buffers():
@@ -328,7 +391,7 @@ class Trainer:
             self.train_model = self.eager_model
             self.compile_note = compile_failed_note(exc)
             self.progress.log(f"Note: {self.compile_note}")
-            return self.forward_backward(x, y, scale)
+            return self.forward_backward(x, y, extras, scale)
 
     def train_one_epoch(self) -> float:
         cfg = self.config
@@ -341,13 +404,13 @@ class Trainer:
         total_loss, seen = 0.0, 0
         self.progress.start(f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.batches_per_epoch)
         with self.pipeline.epoch(order, self.epoch, self.batches_per_epoch) as batches:
-            for b, (x, y) in enumerate(batches):
+            for b, (x, y, extras) in enumerate(batches):
                 step = (b + 1) % cfg.accumulate == 0 or b + 1 == self.batches_per_epoch
                 scale = self.loss_scale(order, b) if self.dist.enabled else 1.0
                 # Between optimizer steps DDP need not average gradients: they only accumulate locally.
                 with contextlib.nullcontext() if step or not self.dist.enabled else self.eager_model.no_sync():
-                    loss = (self._first_compiled_step(x, y, scale) if self.compile_pending
-                            else self.forward_backward(x, y, scale))
+                    loss = (self._first_compiled_step(x, y, extras, scale) if self.compile_pending
+                            else self.forward_backward(x, y, extras, scale))
                 if not math.isfinite(loss):
                     raise DivergedError(
                         f"training diverged: the loss is {loss} at epoch {self.epoch + 1}, batch {b + 1} (the "
@@ -367,7 +430,7 @@ class Trainer:
             return self.model
         from dermcam.models.backbones import build_model
 
-        shadow = build_model(self.config.backbone, len(self.classes)).to(self.device)
+        shadow = build_model(self.config.backbone, len(self.classes), self._metadata_block()).to(self.device)
         shadow.load_state_dict(self.ema.state)
         if self.config.channels_last:
             import torch
@@ -383,7 +446,8 @@ class Trainer:
         probs = predict(self.eval_model(), self.data.images, self.val_rows[part],
                         preprocessing=self.preprocessing, device=self.device, precision=self.scoring_precision,
                         batch_size=max(32, self.config.batch_size), channels_last=self.config.channels_last,
-                        progress=self.progress, description="validate")
+                        progress=self.progress, description="validate",
+                        metadata=None if self.val_metadata is None else self.val_metadata[part])
         probs = self.dist.all_gather_rows(probs.reshape(-1, len(self.classes)), len(self.val_rows))
         metrics = compute_metrics(self.val_labels, probs, self.classes)
         metrics["loss"] = cross_entropy(self.val_labels, probs)
@@ -421,6 +485,10 @@ class Trainer:
             "compiled": self.train_model is not self.eager_model, "compile_note": self.compile_note,
             "world_size": self.dist.world_size,  # information only: the state does not depend on it
         }
+        if self.metadata is not None:  # the fields and encoding the model reads (rebuilds the network)
+            sidecar["metadata"] = self._metadata_block()
+        if self.teacher is not None:
+            sidecar["distillation"] = self.teacher.block()
         with store_lock("store", shared=True, root=self.root):
             weights = self.ema.state if self.ema is not None else self.model.state_dict()  # what eval_model() holds
             ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=weights,
@@ -459,7 +527,7 @@ class Trainer:
         self.build()
         check_operating_point(self.config, self.classes, self.val_labels, self.data.name)
         if not self.resume:  # rank 0 creates the run; the others learn its id
-            created = create_run(dataclasses.asdict(self.config), self.root) if main else None
+            created = create_run(dataclasses.asdict(self.config), self.root, self.new_run_id) if main else None
             run_id = self.dist.broadcast_str(created.name if created else "")
             self.run_dir = created or runs_dir(self.root) / run_id
         self.run_id = self.run_dir.name
@@ -481,6 +549,8 @@ class Trainer:
         from dermcam.store.runs import update_run
 
         self._restore()
+        if self.teacher is not None and self.dist.is_main:  # soft targets computed now: kept for a resume
+            self.teacher.save(self.run_dir)
         resumed_from = self.resume_ckpt.id if self.resume_ckpt else None
         if resumed_from:
             self.epoch += 1
@@ -524,7 +594,8 @@ class Trainer:
 
     def _finish(self, resumed_from: str | None) -> TrainResult:
         """Calibrate the run's best checkpoint, evaluate it on the test split and write the report
-        (report.html last: it shows the other files)."""
+        (report.html last: it shows the other files). A cross-validation fold calibrates on its held-out
+        fold (its val) and stops there: the test split is not read."""
         from dermcam.evaluate.evaluation import evaluate
         from dermcam.evaluate.report import plot_curves
         from dermcam.report.build import write_html_report
@@ -539,6 +610,11 @@ class Trainer:
             self.best = {"epoch": best.epoch, "value": best.monitor_value, "id": best.id}
         if best is not None:
             self._calibrate(best)
+            if self.config.folds is not None:  # a cross-validation fold never reads the test split: its
+                # score is its held-out fold (dermcam.train.crossval), so its report is the curves alone
+                if self.history:
+                    files.append(plot_curves(self.history, report_dir / "curves.png", title=f"run {self.run_id}"))
+                return self._result(resumed_from, None, files)
             result = evaluate(best.id, split="test", device=self.config.device,
                               precision=self.config.precision, out_dir=report_dir, root=self.root,
                               progress=self.progress)
@@ -546,6 +622,9 @@ class Trainer:
             if self.history:
                 files.append(plot_curves(self.history, report_dir / "curves.png", title=f"run {self.run_id}"))
             files.append(write_html_report(report_dir, best.sidecar_path, root=self.root))
+        return self._result(resumed_from, test_metrics, files)
+
+    def _result(self, resumed_from: str | None, test_metrics: dict[str, Any] | None, files: list[Path]) -> TrainResult:
         epochs_done = self.history[-1]["epoch"] + 1 if self.history else 0
         return TrainResult(
             run_id=self.run_id, run_dir=self.run_dir, config=self.config,
@@ -556,7 +635,7 @@ class Trainer:
 
 def train(config: TrainConfig | None = None, *, resume: bool = False, run: str | None = None,
           overrides: dict[str, Any] | None = None, root: Path | None = None,
-          progress: Progress | None = None) -> TrainResult:
+          progress: Progress | None = None, new_run_id: str | None = None) -> TrainResult:
     """Train one configuration (or resume a run) to the end; see :class:`Trainer`.
 
     A resumed run keeps the configuration it was started with (anything else would break the exact
@@ -565,7 +644,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, run: str |
     """
     device = (overrides or {}).get("device") or (config.device if config else "auto")
     with distributed.session(device):
-        return Trainer(config, root=root, progress=progress, resume=resume, run=run, overrides=overrides).fit()
+        return Trainer(config, root=root, progress=progress, resume=resume, run=run, overrides=overrides,
+                       new_run_id=new_run_id).fit()
 
 
 def train_configurations(options: dict[str, Any], *, grid: dict[str, list[Any]] | None = None,
