@@ -9,6 +9,24 @@ from pathlib import Path
 import pytest
 
 
+_SESSION_THREADS: list[int] = []  # torch's own intra-op thread count, read before the first test runs
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Put torch's thread count back after every test. Commands run in this process (the CLI runner) set it
+    (``--threads auto``: the cores minus the load average), and a different count changes float summation
+    order: exact-resume tests that compare a run trained in one test (or fixture) with one resumed in
+    another would then differ in the last bits for no fault of the code under test."""
+    import torch
+
+    if not _SESSION_THREADS:
+        _SESSION_THREADS.append(torch.get_num_threads())
+    yield
+    if torch.get_num_threads() != _SESSION_THREADS[0]:
+        torch.set_num_threads(_SESSION_THREADS[0])
+
+
 @pytest.fixture(autouse=True)
 def dermcam_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("dermcam-home")

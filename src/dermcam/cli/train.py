@@ -92,7 +92,8 @@ def train_command(
     seed: list[int] = typer.Option([], "--seed", help=_h("seed", grid=True)),
     operating_point: Optional[str] = typer.Option(None, "--operating-point", metavar="CLASS:METRIC=T",
                                                   help=_h("operating_point")),
-    color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help=_h("color_constancy")),
+    color_constancy: Optional[str] = typer.Option(None, "--color-constancy", metavar="none|shades-of-gray",
+                                                   help=_h("color_constancy")),
     metadata: Optional[str] = typer.Option(None, "--metadata", metavar="FIELDS", help=_h("metadata")),
     folds: Optional[int] = typer.Option(None, "--folds", metavar="K",
                                         help="Cross-validate: train+val cut into K grouped, stratified folds (2 to "
