@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_train import stop_after_epoch
 
 from conftest import run_json, weights_of
 from dermcam.cli import app
@@ -35,21 +36,6 @@ class Store:
 
     def run_dir(self, run: str) -> Path:
         return self.home / "runs" / run
-
-
-def stop_after_epoch_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the next run stop (as Ctrl-C would) right after epoch 1's checkpoint is saved."""
-    from dermcam.train import trainer
-
-    original = trainer.Trainer._save
-
-    def save_then_stop(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "_save", save_then_stop)
 
 
 def idle_cpu(mp: pytest.MonkeyPatch) -> None:
@@ -86,7 +72,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Store:
         run_json(runner, ["ensemble", "create", "duo", a, b, "--json"])
         straight = run_json(runner, ["distill", "duo", *STUDENT, "--json"])
         before = {p.name for p in (root / "runs").iterdir()}
-        stop_after_epoch_1(mp)
+        stop_after_epoch(mp)
         stopped = runner.invoke(app, ["distill", "ensemble:duo", *STUDENT])
         assert stopped.exit_code == ExitCode.INTERRUPTED, stopped.output
     [run] = {p.name for p in (root / "runs").iterdir()} - before

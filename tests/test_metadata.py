@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_train import stop_after_epoch
 import torch
 
 from conftest import run_json, weights_of
@@ -290,21 +291,11 @@ def test_train_with_metadata_records_it_and_evaluate_reads_the_sets_own_columns(
 
 
 def test_resume_of_a_metadata_run_matches_a_straight_run(runner, home: Path, monkeypatch) -> None:
-    from dermcam.train import trainer
-
     args = ["train", *TINY, *META, "--epochs", "3", "--json"]
     [straight] = run_json(runner, args)
-    original_save = trainer.Trainer._save
-
-    def save_then_die(self, *a, **kw):
-        out = original_save(self, *a, **kw)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "_save", save_then_die)
+    resume_normally = stop_after_epoch(monkeypatch)
     assert runner.invoke(app, args).exit_code == 130
-    monkeypatch.setattr(trainer.Trainer, "_save", original_save)
+    resume_normally()
     run_id = next(p.name for p in (home / "runs").iterdir() if p.name != straight["run_id"])
     [resumed] = run_json(runner, ["train", "--resume", "--run", run_id, "--json"])
     assert resumed["resumed_from"] == f"{run_id}:1"

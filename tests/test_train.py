@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_train import stop_after_epoch
 
 from conftest import run_json, weights_of
 from dermcam.cli import app
@@ -73,23 +74,13 @@ def test_non_square_input_keeps_the_aspect_ratio(runner, home: Path, tmp_path: P
 @pytest.mark.parametrize("extra", [[], ["--ema", "--ema-decay", "0.9", "--accumulate", "2", "--balance", "sampler", "--freeze", "1"]],
                          ids=["plain", "ema-accumulate-sampler-freeze"])
 def test_resume_after_interruption_matches_straight_run(runner, home: Path, monkeypatch, extra: list[str]) -> None:
-    from dermcam.train import trainer
-
     args = ["train", *TINY, *extra, "--epochs", "3", "--json"]
     [straight] = run_json(runner, args)
 
-    original_save = trainer.Trainer._save
-
-    def save_then_die(self, *a, **kw):
-        out = original_save(self, *a, **kw)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "_save", save_then_die)
+    resume_normally = stop_after_epoch(monkeypatch)
     interrupted = runner.invoke(app, args)
     assert interrupted.exit_code == 130
-    monkeypatch.setattr(trainer.Trainer, "_save", original_save)
+    resume_normally()
     run_id = next(p.name for p in (home / "runs").iterdir() if p.name != straight["run_id"])
     [resumed] = run_json(runner, ["train", "--resume", "--run", run_id, "--json"])
     assert resumed["resumed_from"] == f"{run_id}:1"
