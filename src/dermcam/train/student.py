@@ -67,7 +67,8 @@ def student_defaults(ensemble: Ensemble, given: dict[str, Any], root: Path | Non
 
 
 def distill(ensemble: str, options: dict[str, Any] | None = None, *, root: Path | None = None,
-            threads: int | str | None = None, progress: Progress | None = None) -> DistillResult:
+            threads: int | str | None = None, score_teacher: bool = True,
+            progress: Progress | None = None) -> DistillResult:
     """Train one student on ensemble ``ensemble``'s calibrated probabilities (``dermcam distill``).
 
     ``options``: :class:`~dermcam.train.config.TrainConfig` fields the user gave (see
@@ -75,7 +76,9 @@ def distill(ensemble: str, options: dict[str, Any] | None = None, *, root: Path 
     backbone and input size. Everything is checked before any work: the ensemble exists and loads
     (NotFoundError, exit 3), the options are valid (BadInputError, exit 2). The student is an ordinary
     run (resume it with ``dermcam train --resume --run ID``); at the end the teacher is scored on the same
-    test split (no bootstrap) so the result shows how far the student is from it.
+    test split (no bootstrap) so the result shows how far the student is from it; ``score_teacher=False``
+    skips that (a caller that scores the teacher on test itself, such as the recipe benchmark, would
+    otherwise run all its members over the test split twice), and the result then has no gap.
     """
     from dermcam.train.config import TrainConfig
     from dermcam.train.trainer import train_configurations
@@ -95,7 +98,7 @@ def distill(ensemble: str, options: dict[str, Any] | None = None, *, root: Path 
                                "members": len(teacher.manifest["members"]),
                                "soft_targets_seconds": soft_targets_seconds(result.run_dir / SOFT_TARGETS_FILE),
                                "test_metrics": None}
-    if result.test_metrics is not None:
+    if result.test_metrics is not None and score_teacher:
         summary["test_metrics"] = teacher_test_metrics(name, result, root=root, progress=progress)
     return DistillResult(result, summary)
 
