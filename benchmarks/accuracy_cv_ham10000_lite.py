@@ -48,7 +48,8 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options and their defaults (benchmarks/ablation_cv_fold.py reads them too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path("/tmp/dermcam-cv"))
     parser.add_argument("--source", type=Path, default=LITE)
@@ -68,17 +69,36 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the results file, for ablation runs")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic data and model; writes nothing")
-    args = parser.parse_args()
+    return parser
+
+
+def smoke_setup(args: argparse.Namespace, tmp: Path) -> None:
+    """``--smoke``: a tiny synthetic HAM10000 layout in ``tmp``, a store beside it, a tiny random model."""
+    args.home = Path(tmp) / "home"
+    args.source = Path(tmp) / "src"
+    from dermcam.data.synthetic import write_synthetic_ham10000
+
+    write_synthetic_ham10000(args.source, n_lesions_per_class=12)
+    args.backbone, args.image_size, args.epochs, args.student_epochs = "test_efficientnet", "48x36", 1, 1
+    args.folds, args.freeze, args.batch_size = 2, 0, 8
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``dermcam train --folds K`` options of the recipe's cross-validation."""
+    return {
+        "dataset": "ham10000-lite", "backbone": args.backbone, "pretrained": "none" if args.smoke else "auto",
+        "image_size": args.image_size, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+        "freeze": args.freeze, "ema": args.ema, "seed": args.seed, "patience": 99, "folds": args.folds,
+        "color_constancy": args.color_constancy, "metadata": args.metadata or None,
+    }
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
-            args.home = Path(tmp) / "home"
-            args.source = Path(tmp) / "src"
-            from dermcam.data.synthetic import write_synthetic_ham10000
-
-            write_synthetic_ham10000(args.source, n_lesions_per_class=12)
-            args.backbone, args.image_size, args.epochs, args.student_epochs = "test_efficientnet", "48x36", 1, 1
-            args.folds, args.freeze, args.batch_size = 2, 0, 8
+            smoke_setup(args, Path(tmp))
             record = run(args)
         print(json.dumps(record, default=str))
         return
@@ -99,12 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dermcam.train.student import distill
 
     minutes: dict[str, float] = {}
-    options: dict[str, Any] = {
-        "dataset": "ham10000-lite", "backbone": args.backbone, "pretrained": "none" if args.smoke else "auto",
-        "image_size": args.image_size, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "freeze": args.freeze, "ema": args.ema, "seed": args.seed, "patience": 99, "folds": args.folds,
-        "color_constancy": args.color_constancy, "metadata": args.metadata or None,
-    }
+    options = train_options(args)
     rows: list[dict[str, Any]] = []
     with rich_progress() as progress:
         start = time.monotonic()

@@ -86,12 +86,35 @@ def test_only_the_cli_imports_the_cli() -> None:
 
 @pytest.mark.parametrize("low, high", [("data", "models"), ("data", "train"), ("data", "evaluate"),
                                        ("data", "explain"), ("models", "store"), ("store", "train"),
-                                       ("store", "explain"), ("evaluate", "train"), ("evaluate", "explain")])
+                                       ("store", "explain"), ("evaluate", "train"), ("evaluate", "explain"),
+                                       # the shortcut audit: above evaluate and explain, below the report
+                                       ("data", "audit"), ("models", "audit"), ("store", "audit"),
+                                       ("evaluate", "audit"), ("explain", "audit"), ("audit", "report"),
+                                       # track: above the store, below train and evaluate (dermcam.track)
+                                       ("data", "track"), ("models", "track"), ("store", "track"),
+                                       ("track", "train"), ("track", "evaluate"), ("track", "explain")])
 def test_lower_layers_do_not_import_higher_ones(low: str, high: str) -> None:
     """The flow is image file -> data -> model -> store -> train/evaluate -> explain, never backwards."""
     offenders = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if subpackage(m) == low
                        for t in targets if subpackage(t) == high)
     assert offenders == []
+
+
+AUDIT_IMAGE_MODULES = ("dermcam.audit.detectors", "dermcam.audit.perturb")
+
+
+@pytest.mark.parametrize("module", AUDIT_IMAGE_MODULES)
+def test_the_audit_image_functions_sit_with_data(module: str) -> None:
+    """The detectors and perturbations are pure image functions: they import only ``data``, the top-level
+    helpers (errors, checks) and each other, and never torch, so the engine above them can batch freely
+    and a Python user can run them on any array."""
+    allowed = {"data", "errors", "checks", "color"}
+    offenders = sorted(t for t in GRAPH[module] if subpackage(t) not in allowed and t not in AUDIT_IMAGE_MODULES)
+    assert offenders == []
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "torch" not in imported and "timm" not in imported
 
 
 def test_the_finder_sees_a_cycle() -> None:

@@ -67,9 +67,10 @@ def _finished_demo_run(config: Any) -> Any | None:
     from dermcam.store.runs import list_runs, read_run
 
     wanted = dataclasses.asdict(config)
+    defaults = dataclasses.asdict(type(config)())  # a run stored before a field existed had its default
     for run_dir in reversed(list_runs()):
         info = read_run(run_dir)
-        if info.get("status") == "finished" and info.get("config") == wanted:
+        if info.get("status") == "finished" and {**defaults, **(info.get("config") or {})} == wanted:
             return run_dir
     return None
 

@@ -30,7 +30,7 @@ app = typer.Typer(
 
 # Command modules, registered in this order; each defines ``register(app)``.
 COMMAND_MODULES: list[str] = ["data", "train", "distill", "evaluate", "calibrate", "report", "ckpt", "ensemble",
-                              "explain", "serve", "demo"]
+                              "explain", "audit", "serve", "demo"]
 
 
 def _version_callback(value: bool) -> None:

@@ -66,14 +66,16 @@ def prune_cmd(
                                           "their latest and best regardless."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; change nothing."),
     force: bool = typer.Option(False, "--force", help="Also delete members of ensembles (those ensembles stop "
-                                                      "loading); without it they are kept and listed."),
+                                                      "loading) and cross-validation folds' best checkpoints; "
+                                                      "without it they are kept and listed."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Delete checkpoints that no keep rule protects (weights, training state and sidecar).
 
     Kept: the N best by the monitored metric in their sidecars, each run's resume point, its last M,
-    and every member of an ensemble (unless --force). A run that is training right now always keeps its latest and its best checkpoint.
+    every member of an ensemble and each cross-validation fold's best checkpoint (unless --force).
+    A run that is training right now always keeps its latest and its best checkpoint.
     Asks before deleting when run from a terminal, unless --yes.
     """
     from dermcam.store.manage import prune
@@ -219,7 +221,8 @@ def verify_cmd(
 ) -> None:
     """Re-hash every checkpoint file and check every sidecar.
 
-    Damaged: a hash or size mismatch, an unreadable sidecar, a missing file (exit code 4).
+    Damaged: a hash or size mismatch, an unreadable sidecar, a missing file, an ensemble or cross-validation
+    record that fails its checks (exit code 4).
     Incomplete: weights without a sidecar and temporaries of interrupted writes (--clean deletes them).
     """
     from dermcam.progress import rich_progress

@@ -113,6 +113,15 @@ def train_command(
                                            help="When several runs are compared: store their best ensemble (greedy "
                                                 "selection on validation) as NAME; see dermcam ensemble. With "
                                                 "--folds: the name of the cross-validation and its ensemble."),
+    log: list[str] = typer.Option([], "--log", metavar="tensorboard[:DIR]|mlflow[:URI]",
+                                  help="Also track the run in TensorBoard (event files in the run folder, or "
+                                       "DIR/<run id>) or MLflow (MLflow's default tracking URI, or URI): curves, "
+                                       "configuration, test metrics and report; a tracker that fails is reported "
+                                       "once and training goes on. Repeat for both. Needs dermcam\\[tensorboard] or "
+                                       "dermcam\\[mlflow]; see docs/training.md, Tracking runs."),
+    log_model: Optional[bool] = typer.Option(None, "--log-model",
+                                             help="With --log mlflow: also log the exported best model as an "
+                                                  "artefact."),
     threads: Optional[str] = threads_option(None),
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -133,6 +142,10 @@ def train_command(
         from dermcam.store.ensembles import check_new_name
 
         check_new_name(ensemble)  # before any run starts
+    if log or log_model:
+        from dermcam.track.spec import check_log
+
+        check_log(log, bool(log_model and log))  # before any run starts (a resume's too: its run may have mlflow)
 
     given: dict[str, Any] = {
         "dataset": data, "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size,
@@ -141,7 +154,7 @@ def train_command(
         "accumulate": accumulate, "ema": ema, "ema_decay": ema_decay, "patience": patience, "monitor": monitor,
         "device": device, "precision": precision, "channels_last": channels_last, "compile": compile,
         "sync_bn": sync_bn, "operating_point": operating_point, "folds": folds, "color_constancy": color_constancy,
-        "metadata": metadata,
+        "metadata": metadata, "log": log or None, "log_model": log_model,
     }
     grid = {"backbone": backbone, "lr": lr, "seed": seed, "image_size": image_size}
     with rich_progress() as progress:

@@ -606,6 +606,10 @@ def prune_result(result: dict[str, Any], out: Any = console) -> None:
     for gone in result.get("ensemble_members_removed", []):
         out.print(f"[yellow]{'Would remove' if result['dry_run'] else 'Removed'} {gone['id']}, a member of ensemble "
                   f"{', '.join(gone['ensembles'])}[/] (--force): that ensemble will no longer load.", highlight=False)
+    for gone in result.get("cv_folds_removed", []):
+        out.print(f"[yellow]{'Would remove' if result['dry_run'] else 'Removed'} {gone['id']}, a fold's best "
+                  f"checkpoint of cross-validation {', '.join(gone['cross_validations'])}[/] (--force): its "
+                  "out-of-fold predictions stay, an unfinished one can no longer finish.", highlight=False)
     if result["active_runs"]:
         out.print(f"Training now (their latest and best are always kept): {', '.join(result['active_runs'])}")
     freed = human_bytes(result["bytes_freed"])
@@ -806,3 +810,63 @@ def crossval_trained(result: Any) -> None:
         train_result(run)
     console.print()
     crossval_estimate(result.estimate)
+
+
+def audit_tables(result: Any) -> list[Table]:
+    """``dermcam audit``'s two tables, each under 80 columns: the regions (median and 90th percentile of
+    their share of the map, the images they hold most of it in, the flag) and the perturbations (mean
+    change of p(positive), mean absolute change, flipped decisions, the verdict)."""
+    from rich.markup import escape
+
+    from dermcam.audit.run import signed
+    from dermcam.evaluate.metrics import format_value
+
+    tables = []
+    if result.attention is not None:
+        attention = result.attention
+        flagged = {f["region"] for f in attention.flags}
+        table = Table(title=f"Where the attention goes ({attention.method}, {len(attention.images)} images)",
+                      title_justify="left", box=box.SIMPLE, padding=(0, 1), pad_edge=False,
+                      caption="share: of the map's mass; most: images where the share is above 0.5",
+                      caption_justify="left")
+        table.add_column("region", no_wrap=True)
+        for column in ("images", "median", "p90", "most"):
+            table.add_column(column, justify="right", no_wrap=True)
+        table.add_column("flag", no_wrap=True)
+        for region, s in attention.region_summary(attention.images).items():
+            most = f"{s['most']} ({s['most_share']:.0%})" if s["n"] else "-"
+            table.add_row(region.replace("_", "-"), str(s["n"]), format_value(s["p50"]), format_value(s["p90"]),
+                          most, "[bold red]flagged[/]" if region in flagged else "no")
+        tables.append(table)
+    if result.stress is not None:
+        stress = result.stress
+        positive = escape(stress.positive)
+        table = Table(title=f"What changes the answer ({len(stress.baseline_decisions)} images, seed {stress.seed})",
+                      title_justify="left", box=box.SIMPLE, padding=(0, 1), pad_edge=False,
+                      caption="stable: mean |change| < 0.02 and < 2% of the decisions flipped",
+                      caption_justify="left")
+        table.add_column("perturbation", no_wrap=True)
+        table.add_column(f"Δp({positive})", justify="right", no_wrap=True)
+        table.add_column("|Δ|", justify="right", no_wrap=True)
+        table.add_column("flipped", justify="right", no_wrap=True)
+        table.add_column("verdict", overflow="fold")
+        for r in stress.results:
+            flips = int(r.flipped.sum())
+            verdict = "[green]stable[/]" if r.stable else f"[bold red]{escape(r.direction or 'moves')}[/]"
+            table.add_row(r.name, signed(r.mean_delta), f"{r.mean_abs_delta:.3f}",
+                          f"{flips}/{r.n} ({flips / r.n:.0%})" if r.n else "-", verdict)
+        tables.append(table)
+    return tables
+
+
+def audit_result(result: Any) -> None:
+    """``dermcam audit``: the findings in words, the two tables, where the files are."""
+    console.print(f"Audit of {result.title}: {result.n} images"
+                  + (f" (of {result.available}, --limit {result.limit})" if result.n != result.available else ""),
+                  highlight=False, markup=False)
+    for line in result.findings():
+        console.print(f"  {line}", highlight=False, markup=False)
+    for table in audit_tables(result):
+        console.print(table)
+    if result.out_dir is not None:
+        console.print(f"Audit: {result.out_dir / 'audit.json'}", highlight=False, markup=False, soft_wrap=True)

@@ -128,6 +128,27 @@ def confidence_intervals(y_true: np.ndarray, probs: np.ndarray, groups: Sequence
     return Intervals(percentile_intervals(values, level), resamples, level, unit)
 
 
+def paired_intervals(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, groups: Sequence[str],
+                     classes: Sequence[str], *, scored: Sequence[int] | None = None,
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = LEVEL,
+                     unit: str = "lesion") -> Intervals:
+    """Percentile intervals of each metric's difference ``b - a`` for two models' predictions of the
+    same images, both measured on every resample of one draw of ``groups``.
+
+    Why paired: two models scored on the same images share most of their sampling noise (a resample
+    full of easy lesions is easy for both), so their separate intervals overlap even when one is
+    better on nearly every resample. Measuring both on the same resampled groups cancels that shared
+    part; an interval of the difference that excludes 0 says which is better on this data. With the
+    same ``seed``, :func:`confidence_intervals` of either model uses the same draws.
+    """
+    if np.shape(probs_a) != np.shape(probs_b) or len(probs_a) != len(y_true):
+        raise ValueError("paired intervals need both models' probabilities for the same images")
+    weights = group_weights(groups, resamples, seed)
+    a = weighted_metrics(y_true, probs_a, weights, classes, scored)
+    b = weighted_metrics(y_true, probs_b, weights, classes, scored)
+    return Intervals(percentile_intervals({k: b[k] - a[k] for k in a}, level), resamples, level, unit)
+
+
 def percentile_intervals(values: dict[str, np.ndarray], level: float = LEVEL) -> dict[str, list[float] | None]:
     """Percentile interval of each metric's (R,) resampled values (NaN = undefined in that resample)."""
     tail = (1 - level) / 2 * 100

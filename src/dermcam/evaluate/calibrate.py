@@ -67,6 +67,12 @@ def calibrate(ref: str | Path | None = None, *, dataset: str | None = None, oper
     result = calibrate_checkpoint(ckpt, spec, dataset=dataset, vector=vector, device=device, precision=precision,
                                   batch_size=batch_size, root=root, progress=progress)
     result.warnings[:0] = found.warnings  # damaged checkpoints 'best' passed over
+    if ckpt.sidecar.get("tracking"):  # a tracked run's checkpoint: the fit goes to that run too (dermcam.track)
+        from dermcam.track.base import numbers
+        from dermcam.track.hooks import log_result
+
+        fitted = numbers({"calibration": result.calibration, "operating_point": result.operating_point or {}}, depth=3)
+        log_result(ckpt.sidecar, f"calibrate/{result.dataset}", fitted, root=root, progress=progress)
     return result
 
 

@@ -77,7 +77,7 @@ def cv_estimate(name: str, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
     data set, never the test split. An unfinished cross-validation is scored on the folds it has, with
     a warning saying how many."""
     from dermcam.errors import BadInputError
-    from dermcam.store.crossval import oof_path, read_cv, read_oof
+    from dermcam.store.crossval import missing_folds, oof_path, read_cv, read_oof
 
     if isinstance(resamples, bool) or not isinstance(resamples, int) or not 0 <= resamples <= 100_000:
         raise BadInputError("--resamples must be a whole number from 0 to 100000 (0: no intervals)")
@@ -89,7 +89,8 @@ def cv_estimate(name: str, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
     done = [r["fold"] for r in record["fold_runs"] if r["status"] == "finished"]
     if len(done) < record["folds"]:
         warnings.append(f"cross-validation '{name}' is unfinished: {len(done)} of {record['folds']} folds scored "
-                        f"({len(oof)} images); continue it with: dermcam train --resume --run cv:{name}")
+                        f"({len(oof)} images), missing {missing_folds(cv)}; continue it with: "
+                        f"dermcam train --resume --run cv:{name}")
     metrics = oof_metrics(oof, classes, resamples=resamples, seed=seed)
     return CVEstimate(name, record["dataset"]["name"], record["folds"], record["seed"], classes, metrics, len(oof),
                       metrics["groups"], record.get("images"), record["status"], record["fold_runs"],

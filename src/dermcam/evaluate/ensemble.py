@@ -301,6 +301,14 @@ def create_ensemble(name: str, refs: list[str] | None = None, *, top: int | None
             ensemble.manifest["operating_point"] = point
         ensemble.manifest["selection"]["val_metrics"] = {k: val_metrics[k] for k in SUMMARY if k in val_metrics}
     ensemble = save_ensemble(ensemble, replace=replace, root=root)
+    if val_metrics is not None:  # each tracked member's run learns the ensemble it is in (dermcam.track)
+        from dermcam.track.base import numbers
+        from dermcam.track.hooks import log_result
+
+        members = ",".join(c.id for c in chosen)
+        for ckpt in chosen:
+            log_result(ckpt.sidecar, f"ensemble/{name}/val", numbers(val_metrics),
+                       tags={f"dermcam.ensemble.{name}": members}, root=root, progress=progress)
     if point is not None and not point["validation"]["reached"]:
         warnings.append(f"operating point {spec}: no threshold reaches the target on validation")
     return EnsembleResult(name, ensemble.path, ensemble.manifest["members"], selection, val_metrics, point, warnings)

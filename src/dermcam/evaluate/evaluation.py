@@ -344,4 +344,10 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
             result.files.append(write_overlap(out_dir / OVERLAP_FILE, overlap.overlaps))
         else:  # not this evaluation's: an earlier one's in the same folder would mislead
             (out_dir / OVERLAP_FILE).unlink(missing_ok=True)
+    if sidecar.get("tracking"):  # a tracked run's checkpoint: the result goes to that run too (dermcam.track)
+        from dermcam.track.base import numbers
+        from dermcam.track.hooks import log_result
+
+        log_result(sidecar, f"evaluate/{data.name}/{split}", numbers(metrics), files=result.files, root=root,
+                   progress=progress)
     return result

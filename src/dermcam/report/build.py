@@ -51,10 +51,40 @@ def _write(out_dir: Path, model: Any, sidecar: dict[str, Any], root: Path | None
         training=data.manifest if trained_on == data.name else _manifest(trained_on, root),
         figures={name: (out_dir / name).read_bytes() for name in FIGURE_FILES if (out_dir / name).is_file()},
         gallery=build_gallery(predictions, data, metrics["split"], model, sidecar),
-        versions=versions(), generated=utc_now())
+        versions=versions(), generated=utc_now(), audit=_audit(out_dir, sidecar))
     path = out_dir / REPORT_FILE
     atomic_write_bytes(path, render(inputs).encode("utf-8"))
     return path
+
+
+def _audit(out_dir: Path, sidecar: dict[str, Any]) -> dict[str, Any] | None:
+    """The folder's audit.json (``dermcam audit``) with its images when it audits this checkpoint; a
+    damaged one becomes a note in its section rather than a failed report."""
+    from dermcam.audit.run import read_audit
+
+    try:
+        found = read_audit(out_dir)
+    except DermcamError as exc:
+        return {"error": str(exc)}
+    if found is None or (found.get("checkpoint") or {}).get("id") != sidecar.get("id"):
+        return None
+    return found
+
+
+def refresh_report(out_dir: Path, ref: str | Path | None = None, *, root: Path | None = None) -> Path | None:
+    """Rewrite ``out_dir/report.html`` when the folder holds checkpoint ``ref``'s evaluation (after an
+    audit wrote into it, so the page shows it now); None, writing nothing, when it holds none or
+    another checkpoint's."""
+    from dermcam.store.inference import load_for_inference
+
+    try:
+        metrics = _read_metrics(Path(out_dir))
+    except DermcamError:
+        return None
+    model, sidecar = load_for_inference(ref, root)
+    if metrics.get("checkpoint") != sidecar["id"]:
+        return None
+    return _write(Path(out_dir), model, sidecar, root)
 
 
 def _read_metrics(out_dir: Path) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class ReportInputs:
     gallery: Gallery
     versions: dict[str, str]
     generated: str
+    audit: dict[str, Any] | None = None  # the folder's audit.json with its images (dermcam.audit.run.read_audit)
 
     @property
     def classes(self) -> list[str]:
@@ -404,6 +405,143 @@ def gallery(inputs: ReportInputs) -> Section:
     return Section("gallery", "Gallery", *body)
 
 
+REGION_WORDS = {"border": "border band", "vignette": "dark vignette", "ink": "ink-like marks",
+                "off_lesion": "off the lesion"}
+
+
+def _signed(value: object, digits: int = 3) -> str:
+    """``+0.123`` / ``-0.045``: a change, its sign always shown, never ``-0.000`` (:func:`number`'s rule)."""
+    text = number(value, digits)
+    return text if text in ("-", "0." + "0" * digits) or text.startswith("-") else "+" + text
+
+
+def _share_interval(value: object, interval: list[float] | None, digits: int = 3, sign: bool = False) -> Markup:
+    show = _signed if sign else number
+    if not interval:
+        return join([show(value, digits)])
+    return join([show(value, digits), tag("span", f"({show(interval[0], digits)} to {show(interval[1], digits)})",
+                                          class_="ci")], " ")
+
+
+def _audit_attention(audit: dict[str, Any], attention: dict[str, Any]) -> list[object]:
+    rules = attention.get("rules") or {}
+    body: list[object] = [tag("h3", "Where the attention goes")]
+    if "audit/attention.png" in audit["images"]:
+        body.append(figure(audit["images"]["audit/attention.png"], "share of the Grad-CAM mass per region",
+                           "Each box: one region's share of the map's mass over the images where the region exists "
+                           "(whiskers 5-95%)."))
+    flagged = {f["region"] for f in attention.get("flags") or []}
+    rows = []
+    for region, s in (attention.get("overall") or {}).items():
+        rows.append([REGION_WORDS.get(region, region), s.get("n", 0), number(s.get("p50")), number(s.get("p90")),
+                     f"{s.get('most', 0)} ({number(s.get('most_share'))})" if s.get("n") else "-",
+                     tag("b", "flagged") if region in flagged else "no"])
+    body.append(table(["region", "images", "median share", "90th percentile", "most of the map (share)", "flag"], rows,
+                      f"Share: the fraction of the {attention.get('method', 'Grad-CAM')} map's mass (of the decided "
+                      f"class) in the region. Most of the map: a share above {rules.get('most', 0.5):g}. A region is "
+                      f"flagged when it holds most of the map in at least {rules.get('flag_share', 0.2):.0%} of the "
+                      "images where it exists; off the lesion counts only images whose lesion mask worked "
+                      f"({attention.get('lesion_mask_failed', 0)} did not)."))
+    by_class = attention.get("by_class") or {}
+    if by_class:
+        regions = list(attention.get("overall") or {})
+        body.append(table(["true class", "images", *(f"median {REGION_WORDS.get(r, r)}" for r in regions)],
+                          [[name, c["n"], *(number((c["regions"].get(r) or {}).get("p50")) for r in regions)]
+                           for name, c in by_class.items()]))
+    off = attention.get("off_lesion") or {}
+    if (off.get("off_lesion") or {}).get("n") and (off.get("rest") or {}).get("n"):
+        rows = [[label, g["n"], g["wrong"], with_ci(g["rate"], g["ci"])]
+                for label, g in (("most of the map off the lesion", off["off_lesion"]), ("the others", off["rest"]))]
+        body.append(table(["images", "n", "wrong", "error rate"], rows,
+                          join([f"Are off-lesion images more often wrong? {off.get('verdict', '-')}: difference ",
+                                _share_interval(off.get("difference"), off.get("difference_ci"), sign=True),
+                                " (Wilson intervals; Newcombe's for the difference)."], "")))
+    cases = []
+    for example in audit.get("examples", {}).get("attention") or []:
+        photo, overlay = audit["images"].get(example.get("photo")), audit["images"].get(example.get("overlay"))
+        if photo is None or overlay is None:
+            continue
+        verdict = "correct" if example.get("correct") else f"wrong: true class {example.get('true')}"
+        cases.append(tag("div", tag("div", image(photo, f"image {example['image_id']}, lesion mask outlined"),
+                                    image(overlay, f"Grad-CAM of {example['decision']} for image {example['image_id']}"),
+                                    class_="pair"),
+                         paragraph(tag("b", f"{REGION_WORDS.get(example['finding'], example['finding'])} "
+                                            f"{example['share']:.0%}"), f" — decided {example['decision']}, {verdict}"),
+                         paragraph(str(example["image_id"]), class_="muted"),
+                         class_="case" + ("" if example.get("correct") else " error")))
+    if cases:
+        body += [tag("h4", "Images where the map is off the lesion or on a flagged region"),
+                 paragraph("Left: the image with the lesion mask outlined in white (when the rule found one); right: "
+                           "the Grad-CAM of the decided class.", class_="muted"),
+                 tag("div", *cases, class_="gallery")]
+    return body
+
+
+def _audit_stress(audit: dict[str, Any], stress: dict[str, Any]) -> list[object]:
+    positive = stress.get("positive_class", "?")
+    rules = stress.get("rules") or {}
+    body: list[object] = [tag("h3", "What changes the answer")]
+    if "audit/stress.png" in audit["images"]:
+        body.append(figure(audit["images"]["audit/stress.png"], f"change of p({positive}) and flipped decisions",
+                           "Red: outside the stable rule. Bars: 95% intervals."))
+    rows = []
+    for r in stress.get("perturbations") or []:
+        verdict = "stable" if r["stable"] else (r.get("direction") or "moves")
+        rows.append([r["name"], r["kind"], _share_interval(r["mean_delta"], r.get("mean_delta_ci"), sign=True),
+                     number(r["mean_abs_delta"]), with_ci(r["flip_share"], r.get("flip_ci")),
+                     f"{r['flipped']}/{r['n']}", f"{r['to_positive']}/{r['from_positive']}",
+                     verdict if r["stable"] else tag("b", verdict)])
+    body.append(table(["perturbation", "kind", f"mean change of p({positive})", "mean |change|", "flipped (share)",
+                       "flipped", f"to/from {positive}", "verdict"], rows,
+                      f"Calibrated p({positive}) and decisions as evaluate computes them, perturbed minus original. "
+                      f"Stable: mean |change| under {rules.get('stable_mean_abs_delta', 0.02):g} and under "
+                      f"{rules.get('stable_flip_share', 0.02):.0%} of the decisions flipped. For artefacts the verdict "
+                      "says whether the interval of the mean change lies above or below zero."))
+    cases = []
+    for example in audit.get("examples", {}).get("stress") or []:
+        before, after = audit["images"].get(example.get("before")), audit["images"].get(example.get("after"))
+        if before is None or after is None:
+            continue
+        cases.append(tag("div", tag("div", image(before, f"image {example['image_id']}"),
+                                    image(after, f"image {example['image_id']} with {example['perturbation']}"),
+                                    class_="pair"),
+                         paragraph(tag("b", example["perturbation"]),
+                                   f" p({positive}) {example['p_before']:.3f} → {example['p_after']:.3f}; decided "
+                                   f"{example['decision_before']} → {example['decision_after']}"),
+                         paragraph(str(example["image_id"]), class_="muted"),
+                         class_="case" + (" error" if example["decision_before"] != example["decision_after"] else "")))
+    if cases:
+        body += [tag("h4", "The image each moving perturbation changes most (before, after)"),
+                 tag("div", *cases, class_="gallery")]
+    return body
+
+
+def shortcuts(inputs: ReportInputs) -> Section | None:
+    """``dermcam audit``'s findings when the folder holds an audit of this checkpoint: where the
+    Grad-CAM mass falls (border, vignette, ink, off the lesion) and what perturbations do to the answer."""
+    audit = inputs.audit
+    if not audit:
+        return None
+    if "error" in audit:
+        return Section("shortcuts", "Shortcuts and robustness", paragraph(audit["error"], class_="muted"))
+    limited = f" ({audit['n']} of {audit['available']}, drawn with seed {audit['seed']})" \
+        if audit.get("available") and audit["available"] != audit["n"] else f" (seed {audit.get('seed')})"
+    where = f"{audit.get('dataset')}/{audit.get('split')}"
+    other = "" if where == f"{inputs.dataset}/{inputs.metrics['split']}" else " (not the split evaluated above)"
+    findings = audit.get("findings") or []
+    alarming = bool((audit.get("attention") or {}).get("flags") or (audit.get("stress") or {}).get("moving"))
+    body: list[object] = [
+        paragraph(f"dermcam audit of {where}{other}: {audit.get('n')} images{limited}, {audit.get('created', '')}. "
+                  "Does the model look at the lesion, and does its answer depend on the photograph (ink marks, "
+                  "rulers, the dermoscope's dark vignette, hair, orientation, exposure, compression)?"),
+        tag("ul", *(tag("li", line) for line in findings), class_="warning" if alarming else None)]
+    if audit.get("attention"):
+        body += _audit_attention(audit, audit["attention"])
+    if audit.get("stress"):
+        body += _audit_stress(audit, audit["stress"])
+    return Section("shortcuts", "Shortcuts and robustness", *body)
+
+
 def _subgroup_summary(entries: list[dict[str, Any]]) -> str:
     """``sex female: balanced accuracy 0.781; ...; 2 subgroups with too few images`` (the table has the rest)."""
     if not entries:
@@ -440,7 +578,7 @@ def model_card(inputs: ReportInputs) -> Section:
 
 SECTIONS: tuple[Callable[[ReportInputs], Section | None], ...] = (
     summary, data, model, metrics, calibration, operating_point, training_curves, confusion_matrix, roc_pr,
-    subgroups, gallery, model_card)
+    subgroups, gallery, shortcuts, model_card)
 
 
 def render(inputs: ReportInputs) -> str:

@@ -89,6 +89,7 @@ SIDECAR = s.all_of(s.obj({
     "operating_point": s.OPERATING_POINT,
     "distillation": DISTILLATION,
     "metadata": s.METADATA,  # the patient metadata a fusion model reads (dermcam.metadata_spec)
+    "tracking": s.TRACKING,  # where the run is tracked (TensorBoard folder, MLflow run); dermcam.track
 }), s.fits_classes)
 
 

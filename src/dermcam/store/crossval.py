@@ -111,6 +111,13 @@ class CrossValidation:
         return [r["fold"] for r in self.record["fold_runs"] if r["status"] != "finished"]
 
 
+def missing_folds(cv: CrossValidation) -> str:
+    """The unfinished folds, numbered as the training log and ``evaluate cv:NAME`` number them (from 1):
+    ``fold 2 (run abc123, training), fold 3 (run def456, pending)``."""
+    return ", ".join(f"fold {r['fold'] + 1} (run {r['run']}, {r['status']})"
+                     for r in cv.record["fold_runs"] if r["status"] != "finished")
+
+
 def cv_name(ref: object) -> str | None:
     """The cross-validation a reference names (``cv:NAME``), else None."""
     text = str(ref) if isinstance(ref, str) else ""
@@ -205,6 +212,124 @@ def cv_of_run(run_id: str, root: Path | None = None) -> CrossValidation | None:
     return None
 
 
+# -- what a record needs from the rest of the store: prune protection and verify ---------------------
+
+
+@dataclass(frozen=True)
+class DamagedCV:
+    path: Path
+    problem: str
+
+
+def scan_cvs(root: Path | None = None) -> tuple[list[CrossValidation], list[DamagedCV]]:
+    """Every readable record and every one that is not (listed, never followed). A folder without a
+    record is neither: a creation cut short before its record was written names nothing."""
+    found: list[CrossValidation] = []
+    damaged: list[DamagedCV] = []
+    for name in list_names(root):
+        try:
+            found.append(read_cv(name, root))
+        except NotFoundError:
+            continue
+        except CorruptError as exc:
+            damaged.append(DamagedCV(crossval_dir(root) / name / RECORD_FILE, str(exc)))
+    return found, damaged
+
+
+def folds_in_use(root: Path | None = None) -> dict[str, list[str]]:
+    """Checkpoint id -> the cross-validations that need it, as :func:`dermcam.store.ensembles.members_in_use`
+    says it for ensembles (``ckpt prune`` asks both): every fold's best once the record names it (its
+    out-of-fold predictions came from it, and the folds' ensemble is made of them), and, for a fold whose
+    training ended but whose predictions are not stored yet, the best its run finished with (what the
+    record is about to name). A damaged record protects nothing it cannot name; prune refuses it."""
+    from dermcam.store.paths import runs_dir
+    from dermcam.store.runs import read_run
+
+    used: dict[str, list[str]] = {}
+    for cv in scan_cvs(root)[0]:
+        needed = {entry["best"] for entry in cv.record["fold_runs"] if entry.get("best")}
+        for entry in cv.record["fold_runs"]:
+            if entry["status"] != "training" or entry.get("best"):
+                continue
+            try:
+                info = read_run(contained(runs_dir(root), entry["run"], "run folder", CorruptError))
+            except (CorruptError, NotFoundError, OSError):
+                continue  # not created yet, or damaged: ckpt verify reports the run's own damage
+            else:
+                if info.get("status") == "finished" and info.get("best"):
+                    needed.add(info["best"])
+        for ckpt_id in sorted(needed):
+            used.setdefault(ckpt_id, []).append(cv.name)
+    return used
+
+
+def check_cv(cv: CrossValidation, root: Path | None = None) -> None:
+    """What ``ckpt verify`` checks of a readable record beyond its schema, one CorruptError line at the
+    first problem: every fold that started has its run, and that run (and its best checkpoint) is that
+    fold of K on the record's classes; the predictions file reads (:func:`read_oof`), exists once a
+    fold finished, and holds as many images and groups per finished fold (and in all, once finished)
+    as the record says. A best checkpoint deleted on purpose (``prune --force``) is not damage, as for an
+    ensemble's member: the predictions stay."""
+    from dermcam.store.paths import runs_dir
+    from dermcam.store.references import resolve
+    from dermcam.store.runs import read_run
+
+    record = cv.record
+    folds = record["folds"]
+
+    def damaged(why: str) -> CorruptError:
+        return CorruptError(f"cross-validation '{cv.name}' ({cv.path}): {why} (damaged or modified)")
+
+    for entry in record["fold_runs"]:
+        fold, run = entry["fold"], entry["run"]
+        run_dir = contained(runs_dir(root), run, "run folder", CorruptError)
+        if entry["status"] == "finished" and not (run_dir / "run.json").is_file():
+            raise damaged(f"fold {fold + 1} is finished but its run {run} does not exist")
+        if entry["status"] == "pending" or not (run_dir / "run.json").is_file():
+            continue  # not started, or killed before its run was created: the next resume creates it
+        try:
+            config = read_run(run_dir)["config"]
+        except CorruptError:
+            continue  # reported by ckpt verify as the run's own damage
+        if config.get("folds") != folds or config.get("fold") != fold:
+            raise damaged(f"run {run} is not fold {fold + 1} of {folds}")
+        if not entry.get("best"):
+            continue
+        try:
+            ckpt = resolve(entry["best"], root)
+        except (NotFoundError, CorruptError):
+            continue  # deleted on purpose (prune --force), or reported by ckpt verify as its own damage
+        side, made = ckpt.sidecar, ckpt.sidecar.get("config") or {}
+        if (made.get("folds"), made.get("fold")) != (folds, fold) or list(side["classes"]) != list(record["classes"]):
+            raise damaged(f"checkpoint {ckpt.id} is not the model of fold {fold + 1} of {folds} for classes "
+                          f"{', '.join(record['classes'])}")
+    path = oof_path(cv)
+    if (path is None or not path.is_file()) and not any(r["status"] == "finished" for r in record["fold_runs"]):
+        return  # nothing predicted yet
+    oof = read_oof(cv)  # a finished fold without the file: CorruptError
+    for entry in record["fold_runs"]:
+        if entry["status"] != "finished":
+            continue
+        mine = oof.fold == entry["fold"]
+        images, groups = int(mine.sum()), len(set(map(str, oof.group[mine])))
+        if "images" in entry and images != entry["images"] or "groups" in entry and groups != entry["groups"]:
+            raise damaged(f"{OOF_FILE} holds {images} images in {groups} groups of fold {entry['fold'] + 1}, the "
+                          f"record says {entry.get('images')} in {entry.get('groups')}")
+    if cv.finished and "images" in record and len(oof) != record["images"]:
+        raise damaged(f"{OOF_FILE} holds {len(oof)} images, the finished record says {record['images']}")
+
+
+def unusable_cvs(root: Path | None = None) -> list[DamagedCV]:
+    """Every cross-validation record that is damaged, itself or in what it names (:func:`check_cv`)."""
+    found, damaged = scan_cvs(root)
+    for cv in found:
+        try:
+            check_cv(cv, root)
+        except (CorruptError, NotFoundError) as exc:
+            damaged.append(DamagedCV(cv.path, str(exc)))
+    return damaged
+
+
 # -- out-of-fold predictions ------------------------------------------------------------------------
 
 
@@ -251,8 +376,14 @@ def read_oof(cv: CrossValidation) -> OutOfFold:
     the record's classes, and probabilities that are finite, in [0, 1] and sum to 1."""
     path = oof_path(cv)
     if path is None or not path.is_file():
-        raise NotFoundError(f"cross-validation '{cv.name}' has no out-of-fold predictions yet (no fold finished); "
-                            f"continue it with: dermcam train --resume --run cv:{cv.name}")
+        done = [r["fold"] + 1 for r in cv.record["fold_runs"] if r["status"] == "finished"]
+        if done:  # a fold is marked finished only after its predictions were written
+            raise CorruptError(f"cross-validation '{cv.name}' ({cv.path}): fold {done[0]} is finished but its "
+                               f"out-of-fold predictions file {cv.record.get('oof_file') or OOF_FILE} is missing "
+                               "(damaged or modified)")
+        raise NotFoundError(f"cross-validation '{cv.name}' has no out-of-fold predictions yet: none of its "
+                            f"{cv.record['folds']} folds finished ({missing_folds(cv)}); continue it with: "
+                            f"dermcam train --resume --run cv:{cv.name}")
     classes = list(cv.record["classes"])
     header = [*OOF_COLUMNS, *(f"p_{c}" for c in classes)]
     runs = {r["fold"]: r for r in cv.record["fold_runs"]}

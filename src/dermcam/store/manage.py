@@ -78,6 +78,7 @@ def describe(ckpt: Checkpoint, flags: list[str], exports: list[dict[str, Any]]) 
         "flags": flags,
         "exports": exports,
         "imported": side.get("imported"),
+        "tracking": side.get("tracking") or [],  # MLflow run / TensorBoard folder of its run (dermcam.track)
         "sha256": side["weights"]["sha256"],
         "path": str(ckpt.weights_path),
         "rank_group": str(ckpt.rank_group),
@@ -90,7 +91,7 @@ def describe_damage(damage: Damage) -> dict[str, Any]:
     return {"id": damage.id, "run_id": damage.run_id, "epoch": damage.epoch, "backbone": None, "dataset": None,
             "monitor": {}, "metrics": {}, "size": damage.path.stat().st_size if damage.path.is_file() else 0,
             "created": None, "age_seconds": None, "resumable": False, "flags": ["damaged"], "exports": [],
-            "imported": None, "sha256": None, "path": str(damage.path), "rank_group": None,
+            "imported": None, "tracking": [], "sha256": None, "path": str(damage.path), "rank_group": None,
             "problem": damage.problem}
 
 
@@ -250,7 +251,10 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
 
     Members of an ensemble are kept (reason ``ensemble NAME``) unless ``force``; then they go and the
     result lists them under ``ensemble_members_removed``, since those ensembles will no longer load.
-    A damaged ensemble manifest cannot say what it needs, so prune refuses (exit 4) unless ``force``.
+    The best checkpoint of each fold of a cross-validation is kept the same way (reason
+    ``cross-validation NAME``, whether it is still running or its ensemble was removed since; with
+    ``force``: listed under ``cv_folds_removed``). A damaged ensemble manifest or cross-validation record
+    cannot say what it needs, so prune refuses (exit 4) unless ``force``.
 
     The plan is computed and carried out under the exclusive store lock, from the sidecars as they
     are at that moment. ``only`` restricts deletion to ids the user already confirmed (a checkpoint
@@ -270,12 +274,15 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
             by_run.setdefault(ckpt.run_id, []).append(ckpt)
         active = [r for r in by_run if run_is_active(r, root)]
         in_use = _ensemble_members(force, root)
+        cv_folds = _cv_folds(force, root)
         plan = plan_prune(by_run, keep_best=keep_best, keep_last=keep_last, global_rank=global_rank,
                           keep_latest=keep_latest, active=active)
         if not force:
             for ckpt in ckpts:
                 for name in in_use.get(ckpt.id, []):
                     plan.mark([ckpt], f"ensemble {name}")
+                for name in cv_folds.get(ckpt.id, []):
+                    plan.mark([ckpt], f"cross-validation {name}")
             plan.delete = [c for c in plan.delete if c.id not in plan.keep]
         doomed = [c for c in plan.delete if only is None or c.id in only]
         removed = []
@@ -293,6 +300,8 @@ def prune(*, keep_best: int, keep_last: int = 0, run: str | None = None, global_
     members_removed = [{"id": r["id"], "ensembles": in_use[r["id"]]} for r in removed if r["id"] in in_use]
     return {"dry_run": dry_run, "removed": removed, "kept": kept, "active_runs": active,
             "ensemble_members_removed": members_removed,
+            "cv_folds_removed": [{"id": r["id"], "cross_validations": cv_folds[r["id"]]}
+                                 for r in removed if r["id"] in cv_folds],
             "bytes_freed": sum(r["bytes"] for r in removed),
             "damaged": [{"id": d.id, "path": str(d.path), "problem": d.problem} for d in damaged]}
 
@@ -309,6 +318,12 @@ def _unusable_ensembles(root: Path | None) -> list[Any]:
     return unusable_ensembles(root)
 
 
+def _unusable_cvs(root: Path | None) -> list[Any]:
+    from dermcam.store.crossval import unusable_cvs
+
+    return unusable_cvs(root)
+
+
 def _ensemble_members(force: bool, root: Path | None) -> dict[str, list[str]]:
     """Checkpoint id -> ensembles naming it; a damaged manifest stops a prune that is not forced."""
     from dermcam.store.ensembles import members_in_use
@@ -318,6 +333,18 @@ def _ensemble_members(force: bool, root: Path | None) -> dict[str, list[str]]:
         raise CorruptError(f"{damaged[0].problem}; prune cannot tell which checkpoints that ensemble needs. "
                            "Remove it (dermcam ensemble rm NAME) or prune with --force")
     return members_in_use(root)
+
+
+def _cv_folds(force: bool, root: Path | None) -> dict[str, list[str]]:
+    """Checkpoint id -> cross-validations naming it as a fold's best (:func:`_ensemble_members`'s rule for
+    records: a damaged one stops a prune that is not forced)."""
+    from dermcam.store.crossval import folds_in_use, scan_cvs
+
+    damaged = scan_cvs(root)[1]
+    if damaged and not force:
+        raise CorruptError(f"{damaged[0].problem}; prune cannot tell which fold checkpoints that cross-validation "
+                           f"needs. Repair or remove {damaged[0].path.parent}, or prune with --force")
+    return folds_in_use(root)
 
 
 def _clear_dangling_pointers(ckpts: Iterable[Checkpoint], removed: set[str]) -> None:
@@ -348,7 +375,9 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
     """Re-hash every checkpoint's files and check every sidecar; optionally clean interrupted writes.
 
     Damaged: a sidecar, run.json or metrics line that fails validation, a missing file, a size or
-    hash mismatch, an ensemble manifest that fails validation (never deleted: the user decides). Incomplete: weights/state files with no sidecar,
+    hash mismatch, an ensemble manifest that fails validation, a cross-validation record that fails validation
+    or disagrees with its runs or predictions (:func:`dermcam.store.crossval.check_cv`); never deleted: the
+    user decides. Incomplete: weights/state files with no sidecar,
     ``*.tmp`` temporaries and run folders that run creation left (see ``runs.creation_leftover``):
     what an interrupted write, prune or start leaves. ``clean`` deletes those, except in runs that are
     training right now and what may still be being written (younger than ``FRESH_TEMPORARY_S``).
@@ -359,6 +388,7 @@ def verify_store(*, clean: bool = False, root: Path | None = None,
         folders, outside = run_folders(root)
         report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in outside]
         report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in _unusable_ensembles(root)]
+        report["damaged"] += [{"path": str(d.path), "problem": d.problem} for d in _unusable_cvs(root)]
         leftovers = [run for run in folders if creation_leftover(run)]
         scans = {run: scan_run(run) for run in folders if run not in leftovers}
         report["checked"] = sum(len(found) + len(bad) for found, bad in scans.values())

@@ -32,6 +32,7 @@ RUN = s.obj({
     "imported": s.obj(),
     "test_metrics": s.nullable(s.obj()),
     "stopped_early": s.boolean,
+    "tracking": s.TRACKING,  # where the run is tracked; resume reopens the same MLflow run (dermcam.track)
 })
 
 METRICS_LINE = s.obj({"epoch": s.EPOCH})

@@ -213,6 +213,27 @@ def METADATA(value: Any, field: str) -> None:  # noqa: N802 - a schema constant,
 
 DATASET = obj(optional={"name": NAME, "fingerprint": text(max_len=200)})
 
+# Where a run is tracked (dermcam.track): run.json and every sidecar it writes name each tracker, so a
+# resume reopens the same MLflow run and evaluate logs to it. A URI is stored masked (no password); a
+# TensorBoard folder is absolute, or a plain name inside the run folder (never a path leading out of it).
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,4096}")
+_TRACKED_ID = text(re.compile(r"[A-Za-z0-9_.\-]{1,128}"), why="is not a tracking id (letters, digits, _ . -)")
+
+
+def _tracking_dir(value: Any, field: str) -> None:
+    if not isinstance(value, str) or not _PRINTABLE.fullmatch(value):
+        raise Invalid(field, "is not a folder name (1-4096 printable characters)")
+    if not value.startswith("/") and not PLAIN_NAME.fullmatch(value):
+        raise Invalid(field, "is neither an absolute folder nor a plain name inside the run folder")
+
+
+TRACKER = obj({"kind": one_of("tensorboard", "mlflow")}, optional={
+    "uri": nullable(text(_PRINTABLE, why="is not a URI (1-4096 printable characters)")),
+    "dir": nullable(_tracking_dir),
+    "run_id": nullable(_TRACKED_ID), "experiment_id": nullable(_TRACKED_ID), "parent_run_id": nullable(_TRACKED_ID),
+})
+TRACKING = array(TRACKER, max_len=16)
+
 # A training configuration (checked fully by TrainConfig); here only what names a folder of the store.
 CONFIG = obj(optional={"dataset": nullable(NAME)})
 

@@ -62,6 +62,10 @@ class TrainConfig:
     # weight" on the true labels works best; 0.3 of the true labels keeps the class-weighted hard loss.
     distill_temperature: float = 2.0  # softens teacher and student before their KL term
     distill_alpha: float = 0.7  # weight of the distillation term; 1 - alpha weighs the true labels
+    # Experiment trackers (dermcam.track): "tensorboard[:DIR]", "mlflow[:URI]". Where the run is mirrored, not
+    # what it computes: a resume may change them. Stored masked (no password), see dermcam.train.tracking.
+    log: list[str] = field(default_factory=list)
+    log_model: bool = False  # with an MLflow tracker: the exported best model as an artefact
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, str) and self.image_size.strip().isdigit():
@@ -101,6 +105,9 @@ class TrainConfig:
             self.input_size()
         self.check_folds()
         self.check_distillation()
+        from dermcam.track.spec import check_log  # standard library only: no tracker is imported
+
+        check_log(self.log, self.log_model)
         if self.metadata is not None:  # "age,sex,site"; the diagnosis method (dx_type) leaks the label: refused
             from dermcam.metadata_spec import parse_fields
 
@@ -175,7 +182,7 @@ def option_name(field_name: str) -> str:
 # Python types each annotation admits (an int is a valid float; a bool is not a valid int).
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                                        "str | None": (str, type(None)), "int | None": (int, type(None)),
-                                       "int | str | None": (int, str, type(None))}
+                                       "int | str | None": (int, str, type(None)), "list[str]": (list,)}
 
 
 def _check_types(config: TrainConfig) -> None:

@@ -115,7 +115,9 @@ def cross_validate(config: TrainConfig, *, name: str | None = None, root: Path |
         name = default_name(data.name, int(config.folds or 0))
         check_new_ensemble(name, root)
         check_new_cv_name(name, root)
-    shared = dataclasses.asdict(dataclasses.replace(config, dataset=data.name, fold=None))
+    from dermcam.train.tracking import public_config
+
+    shared = dataclasses.asdict(dataclasses.replace(public_config(config), dataset=data.name, fold=None))  # masked
     run_ids: list[str] = []
     while len(run_ids) < int(config.folds or 0):  # chosen now, so each fold's run is known before it starts
         run_id = new_run_id()
@@ -161,11 +163,17 @@ def continue_cross_validation(name: str, *, overrides: dict[str, Any] | None = N
         if data.fingerprint != record["dataset"]["fingerprint"]:
             raise BadInputError(f"data set '{data.name}' changed since cross-validation '{name}' started; its folds "
                                 "would differ (start a new one: dermcam train --folds K)")
-        for fold in cv.unfinished_folds():
-            cv, result = _fold(cv, fold, applied, overrides, root, progress)
-            if result is not None:
-                runs.append(result)
-        cv = _finish(cv, data, root, progress)
+        from dermcam.train import tracking
+
+        # --log mlflow: the fold runs nested under one parent run (the same one when continued)
+        with tracking.cross_validation(record, applied.get("log", record["config"].get("log")), root=root,
+                                       progress=progress) as parents:
+            for fold in cv.unfinished_folds():
+                cv, result = _fold(cv, fold, applied, overrides, root, progress)
+                if result is not None:
+                    runs.append(result)
+            cv = _finish(cv, data, root, progress)
+            tracking.cv_estimate(parents, cv.record)
     from dermcam.evaluate.crossval import cv_estimate
 
     return CVResult(name, cv.record, cv_estimate(name, root=root), runs)

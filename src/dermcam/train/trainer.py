@@ -28,6 +28,7 @@ import numpy as np
 from dermcam.errors import BadInputError, first_line
 from dermcam.progress import Progress
 from dermcam.train import distributed
+from dermcam.train import tracking as run_tracking
 from dermcam.train.config import TrainConfig, TrainResult, expand_grid, load_experiments, monitor_mode
 from dermcam.train.ema import EMA
 from dermcam.train.loss import DistillationLoss, WeightedCrossEntropy, class_weights
@@ -75,8 +76,9 @@ class DivergedError(BadInputError):
 
 
 # What a resumed run takes from the command line: where and how it runs, never what it computes.
-# Everything else is the run's own; Trainer._open_run says why these two.
-RESUME_OPTIONS = ("device", "compile")
+# Everything else is the run's own; Trainer._open_run says why device and compile; log and log_model
+# say where the run is mirrored (dermcam.track), which a resume may change too.
+RESUME_OPTIONS = ("device", "compile", "log", "log_model")
 
 
 class Trainer:
@@ -93,8 +95,8 @@ class Trainer:
         self.progress = (progress or Progress()) if self.dist.is_main else Progress()
         self.resume = resume
         self.run_ref = run
-        self.config = config or TrainConfig()
-        self.overrides = dict(overrides or {})
+        self.config = run_tracking.public_config(config or TrainConfig())  # no tracker secret is ever stored
+        self.overrides = run_tracking.public_overrides(dict(overrides or {}))
         self.resume_ckpt: Any = None
 
     # -- setup -------------------------------------------------------------------------------------
@@ -489,6 +491,7 @@ class Trainer:
             sidecar["metadata"] = self._metadata_block()
         if self.teacher is not None:
             sidecar["distillation"] = self.teacher.block()
+        sidecar.update(run_tracking.sidecar_fields(self))  # where the run is tracked (MLflow run id, ...)
         with store_lock("store", shared=True, root=self.root):
             weights = self.ema.state if self.ema is not None else self.model.state_dict()  # what eval_model() holds
             ckpt = save_checkpoint(self.run_dir, epoch=self.epoch, model_state=weights,
@@ -537,11 +540,13 @@ class Trainer:
             except BaseException as exc:
                 if main:
                     _mark_stopped(self.run_dir, exc)
+                    run_tracking.stopped(self, exc)
                 raise
         result.seconds = time.monotonic() - started
         if main:
             update_run(self.run_dir, status="finished", best=result.best_id, test_metrics=result.test_metrics,
                        stopped_early=result.stopped_early)
+            run_tracking.finished(self, result)
         return result
 
     def _run_epochs(self) -> TrainResult:
@@ -557,6 +562,7 @@ class Trainer:
             self.progress.log(f"Resuming run {self.run_id} from checkpoint {resumed_from}")
         if self.dist.is_main:
             update_run(self.run_dir, status="running", error=None)
+        self.tracking = run_tracking.start(self)  # TensorBoard/MLflow (--log): told what they missed on resume
         while self.epoch < self.config.epochs and not self.stopped:
             t0 = time.monotonic()
             train_loss = self.train_one_epoch()
@@ -565,6 +571,7 @@ class Trainer:
             self._record_epoch(metrics, train_loss, time.monotonic() - t0)
             if self.dist.is_main:
                 self._save(metrics, train_loss)
+                run_tracking.epoch(self)  # after the store has the epoch: a tracker is a side channel
             self.progress.log(
                 f"epoch {self.epoch + 1}/{self.config.epochs}: loss {train_loss:.4f}  "
                 f"val bal.acc {metrics['balanced_accuracy']:.3f}  macro F1 {metrics['macro_f1']:.3f}"
@@ -689,7 +696,8 @@ def train_configurations(options: dict[str, Any], *, grid: dict[str, list[Any]] 
 def train_many(configs: list[TrainConfig], *, root: Path | None = None,
                progress: Progress | None = None) -> list[TrainResult]:
     """Each configuration becomes a run; compare them with :func:`best_result`."""
-    with distributed.session(configs[0].device if configs else "auto"):
+    with distributed.session(configs[0].device if configs else "auto"), \
+            run_tracking.configurations(configs, progress):  # one MLflow parent run over several runs
         return [train(cfg, root=root, progress=progress) for cfg in configs]
 
 
