@@ -16,24 +16,11 @@ import pandas as pd
 import pytest
 
 from conftest import run_json
-from dermcam.cli import app
 from dermcam.errors import BadInputError, ExitCode
+from helpers_cli import cli, refused
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "48", "--batch-size", "16",
         "--data", "synth"]
-
-
-def cli(runner, *args: str):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def refused(result, code: ExitCode, *words: str) -> str:
-    assert result.exit_code == int(code), result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and "\n" not in message and "Traceback" not in message, message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 def oof_rows(home: Path, name: str) -> pd.DataFrame:

@@ -15,23 +15,11 @@ import pytest
 from conftest import run_json
 from dermcam.cli import app
 from dermcam.errors import ExitCode
+from helpers_cli import cli, refused
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "48", "--batch-size", "16",
         "--data", "synth", "--epochs", "2"]
 AGGRESSIVE = ["ckpt", "prune", "--keep-best", "0", "--no-keep-latest", "--yes"]
-
-
-def cli(runner, *args: str):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def refused(result, code: ExitCode, *words: str) -> str:
-    assert result.exit_code == int(code), result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and "\n" not in message and "Traceback" not in message, message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import pytest
 from conftest import run_json
 from dermcam.cli import app
 from dermcam.errors import ExitCode
+from helpers_cli import cli, refused
 
 TINY = ["--pretrained", "none", "--batch-size", "16", "--data", "synth", "--epochs", "1"]
 EFFICIENTNET = ["--backbone", "test_efficientnet", "--image-size", "48", *TINY]
@@ -78,21 +79,6 @@ def store(trained: Store, dermcam_home: Path) -> Store:
     """This test's DERMCAM_HOME: a copy of the module's trained store."""
     shutil.copytree(trained.home, dermcam_home, dirs_exist_ok=True, ignore=shutil.ignore_patterns("report"))
     return Store(dermcam_home, trained.src, trained.a, trained.b, trained.c)
-
-
-def cli(runner, *args: str):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-def refused(result, code: ExitCode, *words: str) -> str:
-    """The command failed with ``code`` and said why in one line (mentioning ``words``)."""
-    assert result.exit_code == int(code), result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and "\n" not in message, message
-    assert "Traceback" not in message
-    for word in words:
-        assert word in message, message
-    return message
 
 
 def snapshot(root: Path) -> dict[str, str]:

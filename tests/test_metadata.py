@@ -20,6 +20,7 @@ from dermcam.cli import app
 from dermcam.data.metadata import encode, fit_spec, known, model_metadata, summary
 from dermcam.errors import BadInputError, CorruptError
 from dermcam.metadata_spec import MetadataSpec, parse_fields, spec_problem
+from helpers_cli import refused
 
 TINY = ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "48", "--batch-size", "16",
         "--data", "synth"]
@@ -221,14 +222,6 @@ def test_predict_passes_each_batch_its_rows_of_metadata(spec: MetadataSpec) -> N
 
 
 # -- training and evaluate through the CLI ----------------------------------------------------------
-
-
-def refused(result, code: int, *words: str) -> None:
-    assert result.exit_code == code, result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and "\n" not in message and "Traceback" not in message, message
-    for word in words:
-        assert word in message, message
 
 
 @pytest.mark.parametrize("value, words", [("dx_type", ("leaks the label",)), ("foo", ("foo", "age, sex, site")),

@@ -5,32 +5,15 @@ answer (the mean change of p(positive) and the share of flipped decisions per pe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dermcam.store.files import atomic_path
+from dermcam.evaluate.report import pyplot, save_figure  # one way to draw and write a chart
 
 if TYPE_CHECKING:
     from dermcam.audit.attention import AttentionResult
     from dermcam.audit.stress import StressResult
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    plt = _pyplot()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_attention(result: AttentionResult, path: Path, title: str = "") -> Path:
@@ -38,7 +21,7 @@ def plot_attention(result: AttentionResult, path: Path, title: str = "") -> Path
     one half marking "most of the attention"; each box says how many images it holds most of."""
     from dermcam.audit.attention import MOST
 
-    plt = _pyplot()
+    plt = pyplot()
     summary = result.region_summary(result.images)
     regions = list(result.regions)
     data = [[i.shares.get(r, 0.0) for i in result.images if result.exists(i, r)] for r in regions]
@@ -60,7 +43,7 @@ def plot_attention(result: AttentionResult, path: Path, title: str = "") -> Path
     ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title or "where the attention goes", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_stress(result: StressResult, path: Path, title: str = "") -> Path:
@@ -69,7 +52,7 @@ def plot_stress(result: StressResult, path: Path, title: str = "") -> Path:
     outside the rule is drawn red."""
     from dermcam.audit.stress import STABLE_DELTA, STABLE_FLIPS, mean_interval
 
-    plt = _pyplot()
+    plt = pyplot()
     items = list(reversed(result.results))  # the first perturbation on top
     y = np.arange(len(items))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 0.32 * len(items) + 1.6), dpi=120, sharey=True)
@@ -95,4 +78,4 @@ def plot_stress(result: StressResult, path: Path, title: str = "") -> Path:
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(title or "what changes the answer", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,7 +15,8 @@ import numpy as np
 from dermcam.store.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib on the Agg backend, imported on first use (no display, and `--help` never loads it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +30,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     """Row-normalised colours (recall per true class) with the raw counts written in each cell."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(matrix, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
@@ -47,12 +48,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="recall (row-normalised)")
     ax.set_title(title or "confusion matrix", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Loss (left) and the headline validation metrics (right) per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] + 1 for h in history]  # people count epochs from 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
@@ -79,7 +80,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray | None, path: Path,
@@ -89,7 +90,7 @@ def plot_reliability(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
     diagonal. Bar width shows where images are (the few images of an empty-looking bin say little)."""
     from dermcam.evaluate.calibration import BINS, expected_calibration_error, reliability_bins
 
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("raw", raw)] + ([("calibrated", calibrated)] if calibrated is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
     edges = np.linspace(0, 1, BINS + 1)
@@ -111,7 +112,7 @@ def plot_reliability(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_class_curves(kind: str, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path,
@@ -121,7 +122,7 @@ def plot_class_curves(kind: str, y_true: np.ndarray, probs: np.ndarray, classes:
     A class without positives or negatives in the set has no curve."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
     y_true = np.asarray(y_true)
     for c, name in enumerate(classes):
@@ -156,7 +157,7 @@ def plot_class_curves(kind: str, y_true: np.ndarray, probs: np.ndarray, classes:
     ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=7)
     ax.set_title(title or ("ROC" if kind == "roc" else "precision-recall"), fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_probability_plots(out_dir: Path, y_true: np.ndarray, raw: np.ndarray, outputs: Any,
@@ -178,8 +179,9 @@ def write_probability_plots(out_dir: Path, y_true: np.ndarray, raw: np.ndarray, 
     return files
 
 
-def _save(fig: Any, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a figure as PNG atomically and free it (the audit's charts use this too)."""
+    plt = pyplot()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -130,7 +130,7 @@ def cross_validate(config: TrainConfig, *, name: str | None = None, root: Path |
               "fold_runs": [{"fold": i, "run": r, "status": "pending", "best": None} for i, r in enumerate(run_ids)],
               "images": len(pooled), "groups": int(data.index["group"].iloc[pooled].nunique()),
               "oof_file": OOF_FILE, "metrics": None, "ensemble": None}
-    cv = create_cv(record, root)
+    create_cv(record, root)
     (progress or Progress()).log(f"Cross-validation cv:{name}: {config.folds} folds of the {len(pooled)} train+val "
                                  f"images of data set '{data.name}' (runs {', '.join(run_ids)})")
     return continue_cross_validation(name, root=root, progress=progress)
