@@ -61,24 +61,15 @@ def positive_class(sidecar: dict[str, Any]) -> int:
 def score(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndarray, rows: np.ndarray, *, device: Any,
           batch_size: int = 64, metadata: Any = None, progress: Progress | None = None,
           description: str = "predict") -> ModelOutputs:
-    """Calibrated probabilities and decisions for cache rows ``rows`` of ``images``, exactly as
-    :func:`dermcam.evaluate.evaluation.evaluate` computes them (fp32; an ensemble's reported view
-    through :class:`~dermcam.models.ensemble.WithRaw`, as evaluate runs it)."""
-    from dermcam.evaluate.operating import model_outputs
-    from dermcam.evaluate.predict import predict
+    """Calibrated probabilities and decisions for cache rows ``rows`` of ``images``, through evaluate's
+    own path (:func:`dermcam.evaluate.predict.calibrated_outputs`) at evaluate's default precision."""
+    from dermcam.evaluate.predict import calibrated_outputs
     from dermcam.models.device import resolve_precision
 
-    classes = list(sidecar["classes"])
-    inside = sidecar.get("kind") == "ensemble"
-    forward = model
-    if inside:
-        from dermcam.models.ensemble import WithRaw
-
-        forward = WithRaw(model)
-    scores = predict(forward, images, rows, preprocessing=sidecar["preprocessing"], device=device,
-                     precision=resolve_precision("auto", device, scoring=True), batch_size=batch_size,
-                     progress=progress, description=description, heads=2 if inside else 1, metadata=metadata)
-    return model_outputs(scores[:, :len(classes)] if inside else scores, sidecar)
+    outputs, _ = calibrated_outputs(model, sidecar, images, rows, device=device, batch_size=batch_size,
+                                    precision=resolve_precision("auto", device, scoring=True), progress=progress,
+                                    description=description, metadata=metadata)
+    return outputs
 
 
 def is_stable(mean_abs_delta: float, flip_share: float) -> bool:

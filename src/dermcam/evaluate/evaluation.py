@@ -11,7 +11,7 @@ import numpy as np
 from dermcam.data.overlap import OVERLAP_THRESHOLD
 from dermcam.errors import BadInputError, NotFoundError
 from dermcam.evaluate.bootstrap import DEFAULT_RESAMPLES
-from dermcam.evaluate.predict import predict
+from dermcam.evaluate.predict import calibrated_outputs
 from dermcam.models.device import resolve_precision
 from dermcam.progress import Progress
 
@@ -273,7 +273,7 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     from dermcam.data.metadata import summary as metadata_summary
     from dermcam.evaluate.bootstrap import confidence_intervals
     from dermcam.evaluate.metrics import compute_metrics
-    from dermcam.evaluate.operating import model_outputs, operating_metrics
+    from dermcam.evaluate.operating import operating_metrics
     from dermcam.evaluate.report import write_predictions, write_probability_plots, write_report
     from dermcam.evaluate.subgroups import subgroup_metrics
     from dermcam.models.device import apply_threads, select_device
@@ -299,21 +299,13 @@ def evaluate(ref: str | Path | None = None, *, split: str = "test", dataset: str
     data, y_true, groups = scored_set.data, scored_set.y_true, scored_set.groups
     dev = select_device(device)
     model.to(dev)
-    # An ensemble's members calibrate inside it: one pass gives its reported and its raw view (WithRaw).
-    # A checkpoint's raw softmax is what predict returns, and model_outputs calibrates it.
-    inside = sidecar.get("kind") == "ensemble" and calibrated
-    if inside:
-        from dermcam.models.ensemble import WithRaw
-
-        model = WithRaw(model)
     # A metadata model reads the set's own age, sex and site columns, encoded as it was trained (an
     # unknown value, or a site it never saw, is its "unknown"); a model without metadata ignores them.
-    scores = predict(model, data.images, scored_set.rows, preprocessing=sidecar["preprocessing"], device=dev,
-                     precision=resolve_precision(precision, dev, scoring=True), batch_size=batch_size, tta=tta,
-                     compile=compile, notes=notes, progress=progress, description=f"evaluate {split}",
-                     heads=2 if inside else 1, metadata=model_metadata(sidecar, scored_set.index))
-    reported, raw = (scores[:, :len(classes)], scores[:, len(classes):]) if inside else (scores, scores)
-    outputs = model_outputs(reported, sidecar, calibrated=calibrated)
+    outputs, raw = calibrated_outputs(model, sidecar, data.images, scored_set.rows, calibrated=calibrated, device=dev,
+                                      precision=resolve_precision(precision, dev, scoring=True),
+                                      batch_size=batch_size, tta=tta, compile=compile, notes=notes,
+                                      progress=progress, description=f"evaluate {split}",
+                                      metadata=model_metadata(sidecar, scored_set.index))
     probs = outputs.probs
     scored = scored_set.shared if len(scored_set.shared) < len(classes) else None
     metrics = compute_metrics(y_true, probs, classes, scored=scored)

@@ -92,3 +92,27 @@ def predict(model: Any, images: np.ndarray, rows: np.ndarray, *, preprocessing: 
             notes.append(note)
     k = out[0].shape[1] if out else 0
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
+
+
+def calibrated_outputs(model: Any, sidecar: Mapping[str, Any], images: np.ndarray, rows: np.ndarray, *,
+                       calibrated: bool = True, **options: Any) -> tuple[Any, np.ndarray]:
+    """Cache rows -> the model's outputs as every scoring command reports them, and its raw softmax.
+
+    The one path from a loaded model to decisions, so an image scored by ``evaluate`` and by ``audit``
+    gets the same answer: an ensemble's members calibrate inside it, so one pass through
+    :class:`~dermcam.models.ensemble.WithRaw` gives its reported and its raw view; a checkpoint's raw
+    softmax is what :func:`predict` returns, and :func:`~dermcam.evaluate.operating.model_outputs`
+    calibrates it and applies its operating point. ``options`` go to :func:`predict` as they are.
+    """
+    from dermcam.evaluate.operating import model_outputs
+
+    k = len(sidecar["classes"])
+    inside = sidecar.get("kind") == "ensemble" and calibrated
+    if inside:
+        from dermcam.models.ensemble import WithRaw
+
+        model = WithRaw(model)
+    scores = predict(model, images, rows, preprocessing=sidecar["preprocessing"], heads=2 if inside else 1,
+                     **options)
+    reported, raw = (scores[:, :k], scores[:, k:]) if inside else (scores, scores)
+    return model_outputs(reported, sidecar, calibrated=calibrated), raw
