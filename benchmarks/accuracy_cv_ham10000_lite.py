@@ -1,7 +1,7 @@
 """Issue #24's recipe as one command: a cross-validated ensemble and one distilled model on ham10000-lite.
 
     python benchmarks/accuracy_cv_ham10000_lite.py [--folds 5] [--backbone tf_efficientnet_lite0]
-        [--image-size 192x144] [--epochs 8] [--freeze 2] [--ema] [--metadata age,sex,site]
+        [--image-size 192x144] [--precision fp32] [--epochs 8] [--freeze 2] [--ema] [--metadata age,sex,site]
         [--color-constancy shades-of-gray] [--student-epochs 8] [--no-student] [--tag TAG] [--smoke]
 
 What it runs, in this order, so that every choice is made before the test split is read:
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32: faster than bf16 for EfficientNet-Lite0 training even on an AMX CPU "
+                             "(docs/models.md); 'auto' for dermcam's own choice")
     parser.add_argument("--freeze", type=int, default=2)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--metadata", default="age,sex,site", help="'' for images only")
@@ -88,7 +91,8 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dataset": "ham10000-lite", "backbone": args.backbone, "pretrained": "none" if args.smoke else "auto",
         "image_size": args.image_size, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "freeze": args.freeze, "ema": args.ema, "seed": args.seed, "patience": 99, "folds": args.folds,
+        "precision": args.precision, "freeze": args.freeze, "ema": args.ema, "seed": args.seed, "patience": 99,
+        "folds": args.folds,
         "color_constancy": args.color_constancy, "metadata": args.metadata or None,
     }
 
@@ -115,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dermcam.evaluate.crossval import cv_estimate
     from dermcam.evaluate.evaluation import evaluate
     from dermcam.progress import rich_progress
-    from dermcam.train.crossval import train_or_cross_validate
+    from dermcam.store.crossval import list_names
+    from dermcam.train.crossval import continue_cross_validation, train_or_cross_validate
     from dermcam.train.student import distill
 
     minutes: dict[str, float] = {}
@@ -128,7 +133,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         minutes["prepare"] = (time.monotonic() - start) / 60
 
         start = time.monotonic()
-        cv = train_or_cross_validate(options, cv_name=args.name, progress=progress)
+        if args.name in list_names():  # a killed recipe continues where it stopped (exact resume per fold)
+            cv = continue_cross_validation(args.name, progress=progress)
+        else:
+            cv = train_or_cross_validate(options, cv_name=args.name, progress=progress)
         minutes["cross_validation"] = (time.monotonic() - start) / 60
         oof = cv_estimate(args.name)
 
@@ -137,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start = time.monotonic()
             student = distill(args.name, {"epochs": args.student_epochs, "seed": args.seed, "patience": 99,
                                           "lr": args.lr, "batch_size": args.batch_size, "freeze": args.freeze,
-                                          "ema": args.ema, "pretrained": options["pretrained"]},
+                                          "precision": options["precision"], "ema": args.ema, "pretrained": options["pretrained"]},
                               score_teacher=False, progress=progress)  # the teacher's test row is below
             minutes["distillation"] = (time.monotonic() - start) / 60
 

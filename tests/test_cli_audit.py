@@ -164,3 +164,30 @@ def test_the_help_names_every_perturbation(runner) -> None:
     from dermcam.cli.audit import PERTURBATION_HELP
 
     assert PERTURBATION_HELP.split(", ") == list(PERTURBATIONS)
+
+
+def test_audit_compile_that_fails_falls_back_once_with_the_same_answers(runner, home: Path, monkeypatch,
+                                                                         tmp_path: Path) -> None:
+    """`audit --compile` where torch.compile fails at its first call: the same audit as without it, one
+    warning, and no second attempt for the other perturbations (each would cost a failed compile)."""
+    import torch
+
+    args = ["audit", "--limit", "6", "--only", "stress", "-p", "ink", "-p", "rot90", "--json"]
+    plain = run_json(runner, [*args, "--out", str(tmp_path / "plain")])
+    calls: list[int] = []
+
+    class Fails(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("backend='inductor' raised: CppCompileError: no C++ compiler (simulated)")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(1) or Fails(module))
+    fallback = run_json(runner, [*args, "--compile", "--out", str(tmp_path / "compiled")])
+    assert len(calls) == 1
+    assert [w for w in fallback["warnings"] if "--compile" in w] == [
+        "--compile failed, running eagerly: RuntimeError: backend='inductor' raised: CppCompileError: "
+        "no C++ compiler (simulated)"]
+    assert {**fallback["stress"], "seconds": 0} == {**plain["stress"], "seconds": 0}

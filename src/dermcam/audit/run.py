@@ -30,6 +30,7 @@ import numpy as np
 
 from dermcam.checks import MAX_BATCH_SIZE, MAX_COUNT, SEED_MAX, check_int, check_output_dir
 from dermcam.errors import BadInputError, CorruptError
+from dermcam.evaluate.operating import applied
 from dermcam.progress import Progress
 
 if TYPE_CHECKING:
@@ -195,11 +196,14 @@ def audit_model(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndar
                 dataset: str = "", split: str = "", seed: int = 0, parts: Sequence[str] = PARTS,
                 perturbations: Sequence[str] | None = None, batch_size: int = BATCH_SIZE, device: Any = "cpu",
                 out_dir: Path | None = None, progress: Progress | None = None,
-                warnings: Sequence[str] = (), available: int | None = None, limit: int | None = None) -> AuditResult:
+                warnings: Sequence[str] = (), available: int | None = None, limit: int | None = None,
+                compile: bool = False) -> AuditResult:
     """The audit of a loaded ``model`` with its ``sidecar`` on cache rows ``rows`` of ``images`` (uint8
     N x H x W x 3, e.g. a prepared set's memory map) whose true classes are ``y_true`` (the model's class
     indices). ``metadata``: the rows' encoded patient metadata for a model that reads it. With
-    ``out_dir``: audit.json and the audit/ folder (see the module docstring)."""
+    ``out_dir``: audit.json and the audit/ folder (see the module docstring). ``compile``: torch.compile
+    for the scoring passes (baseline and perturbations; Grad-CAM runs eagerly), falling back to eager with
+    one warning."""
     from dermcam.audit.attention import audit_attention, cam_layer
     from dermcam.audit.stress import audit_stress, positive_class, score
     from dermcam.explain.pipeline import checkpoint_identity
@@ -221,11 +225,12 @@ def audit_model(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndar
     c = positive_class(sidecar)
     result = AuditResult(checkpoint_identity(sidecar), dataset, split, len(rows),
                          len(rows) if available is None else available, limit, seed, classes, classes[c],
-                         _applied(sidecar), _point(sidecar), _versions(), chosen, warnings=list(warnings),
+                         *applied(sidecar), _versions(), chosen, warnings=list(warnings),
                          created=utc_now())
     started = time.perf_counter()
+    compile_notes: list[str] = []
     baseline = score(model, sidecar, images, rows, device=device, batch_size=batch_size, metadata=metadata,
-                     progress=progress, description="audit: baseline")
+                     progress=progress, description="audit: baseline", compile=compile, notes=compile_notes)
     result.seconds["baseline"] = round(time.perf_counter() - started, 3)
     result.baseline = baseline
     result.image_ids = [str(i) for i in image_ids] if image_ids is not None else [str(r) for r in rows]
@@ -236,22 +241,14 @@ def audit_model(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndar
         result.seconds["attention"] = round(result.attention.seconds, 3)
     if "stress" in chosen:
         result.stress = audit_stress(model, sidecar, images, rows, baseline, names=names, seed=seed,
-                                     metadata=metadata, batch_size=batch_size, device=device, progress=progress)
+                                     metadata=metadata, batch_size=batch_size, device=device, progress=progress,
+                                     compile=compile and not compile_notes, notes=compile_notes)
         result.seconds["stress"] = round(result.stress.seconds, 3)
+    result.warnings.extend(compile_notes[:1])  # a failed --compile, said once
     if out_dir is not None:
         result.out_dir = Path(out_dir)
         write_audit(result, model, sidecar, images, rows, baseline.probs, metadata, image_ids)
     return result
-
-
-def _applied(sidecar: dict[str, Any]) -> dict[str, Any] | None:
-    cal = sidecar.get("calibration")
-    return {"method": cal.get("method"), "temperature": cal.get("temperature")} if cal else None
-
-
-def _point(sidecar: dict[str, Any]) -> dict[str, Any] | None:
-    point = sidecar.get("operating_point") if sidecar.get("calibration") else None
-    return {k: point.get(k) for k in ("class", "metric", "target", "threshold")} if point else None
 
 
 def _versions() -> dict[str, str]:
@@ -272,7 +269,8 @@ def default_out_dir(ckpt: Any, sidecar: dict[str, Any], dataset: str, split: str
 def audit(ref: str | Path | None = None, *, dataset: str | None = None, split: str = "test",
           limit: int | None = None, seed: int = 0, out_dir: Path | None = None, parts: Sequence[str] = PARTS,
           perturbations: Sequence[str] | None = None, batch_size: int = BATCH_SIZE, threads: int | str | None = None,
-          device: str = "auto", root: Path | None = None, progress: Progress | None = None) -> AuditResult:
+          device: str = "auto", compile: bool = False, root: Path | None = None,
+          progress: Progress | None = None) -> AuditResult:
     """Audit a checkpoint, ensemble (``ensemble:NAME``) or exported file (``ref``; default: the best) on
     ``split`` of ``dataset`` (default: the set it was trained on; any prepared set, classes matched by name
     as evaluate matches them; images of classes the model does not know are left out).
@@ -281,6 +279,7 @@ def audit(ref: str | Path | None = None, *, dataset: str | None = None, split: s
     seeds every perturbation. ``parts``: ``attention`` and/or ``stress``. ``perturbations``: names of
     :data:`dermcam.audit.perturb.PERTURBATIONS` (default: all). ``out_dir``: default
     :func:`default_out_dir`. ``threads``: torch CPU threads (auto: the idle cores; None keeps torch's).
+    ``compile``: torch.compile for the baseline and perturbation passes (see :func:`audit_model`).
 
     One-line errors: an unknown perturbation, ``limit`` under 1 and other bad values (exit 2, before any
     work); a model without a spatial layer to explain, unless ``parts`` is ``("stress",)`` (exit 2); a
@@ -334,7 +333,7 @@ def audit(ref: str | Path | None = None, *, dataset: str | None = None, split: s
                        image_ids=[str(i) for i in index["image_id"]], metadata=model_metadata(sidecar, index),
                        dataset=data.name, split=split, seed=seed, parts=parts, perturbations=perturbations,
                        batch_size=batch_size, device=dev, out_dir=target, progress=progress, warnings=warnings,
-                       available=len(scored.rows), limit=limit)
+                       available=len(scored.rows), limit=limit, compile=compile)
 
 
 # --- what is written -------------------------------------------------------------------------------------

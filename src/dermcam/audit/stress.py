@@ -60,15 +60,17 @@ def positive_class(sidecar: dict[str, Any]) -> int:
 
 def score(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndarray, rows: np.ndarray, *, device: Any,
           batch_size: int = 64, metadata: Any = None, progress: Progress | None = None,
-          description: str = "predict") -> ModelOutputs:
+          description: str = "predict", compile: bool = False, notes: list[str] | None = None) -> ModelOutputs:
     """Calibrated probabilities and decisions for cache rows ``rows`` of ``images``, through evaluate's
-    own path (:func:`dermcam.evaluate.predict.calibrated_outputs`) at evaluate's default precision."""
+    own path (:func:`dermcam.evaluate.predict.calibrated_outputs`) at evaluate's default precision.
+    ``compile``/``notes``: as :func:`dermcam.evaluate.predict.predict` (torch caches the compiled graph
+    per model, so calling this once per perturbation compiles once per batch shape, not per call)."""
     from dermcam.evaluate.predict import calibrated_outputs
     from dermcam.models.device import resolve_precision
 
     outputs, _ = calibrated_outputs(model, sidecar, images, rows, device=device, batch_size=batch_size,
                                     precision=resolve_precision("auto", device, scoring=True), progress=progress,
-                                    description=description, metadata=metadata)
+                                    description=description, metadata=metadata, compile=compile, notes=notes)
     return outputs
 
 
@@ -214,9 +216,11 @@ def perturbed(pixels: np.ndarray, name: str, rows: Sequence[int], seed: int,
 
 def audit_stress(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndarray, rows: np.ndarray,
                  baseline: ModelOutputs, *, names: Sequence[str], seed: int = 0, metadata: Any = None,
-                 batch_size: int = 32, device: Any = "cpu", progress: Progress | None = None) -> StressResult:
+                 batch_size: int = 32, device: Any = "cpu", progress: Progress | None = None,
+                 compile: bool = False, notes: list[str] | None = None) -> StressResult:
     """Part 2 for cache rows ``rows`` of ``images`` whose unperturbed outputs are ``baseline`` (from
-    :func:`score`). Images are read once per batch; each perturbation of the batch is one forward pass."""
+    :func:`score`). Images are read once per batch; each perturbation of the batch is one forward pass.
+    ``compile``/``notes``: as :func:`score`."""
     from dermcam.audit.perturb import PERTURBATIONS
     from dermcam.explain.metadata import take
 
@@ -238,7 +242,7 @@ def audit_stress(model: torch.nn.Module, sidecar: dict[str, Any], images: np.nda
             for name in names:
                 moved = perturbed(pixels, name, rows[part], seed, lesions)
                 out = score(model, sidecar, moved, np.arange(len(part)), device=device, batch_size=len(part),
-                            metadata=chunk_meta)
+                            metadata=chunk_meta, compile=compile and not notes, notes=notes)  # failed once: eager
                 after[name][part] = out.probs[:, c]
                 decided[name][part] = out.decisions
                 progress.advance(len(part))

@@ -41,6 +41,9 @@ def audit_command(
                                             "writes this checkpoint's report.html)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the scoring passes: a slower start, "
+                                                          "faster perturbations (falls back to eager with "
+                                                          "a warning)."),
     threads: str = THREADS_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -62,7 +65,7 @@ def audit_command(
     with rich_progress(enabled=not json_output) as progress:
         result = audit(checkpoint, dataset=data, split=split, limit=limit, seed=seed, out_dir=out, parts=parts,
                        perturbations=perturbation or None, batch_size=batch_size, threads=threads, device=device,
-                       progress=progress)
+                       compile=compile, progress=progress)
     from dermcam.report.build import refresh_report
 
     page = refresh_report(result.out_dir, checkpoint) if result.out_dir is not None else None

@@ -163,6 +163,17 @@ def model_outputs(raw: np.ndarray, sidecar: Mapping[str, Any], *, calibrated: bo
     return ModelOutputs(probs, decide(probs, point, classes), classes, cal, point)
 
 
+def applied(sidecar: Mapping[str, Any], *, calibrated: bool = True
+            ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What an output file records as applied: the calibration (method, temperature) and the operating
+    point (class, metric, target, threshold), by the rule of :func:`model_outputs` (the point goes with
+    the calibration). The schema guarantees these keys wherever a calibration is stored."""
+    cal = sidecar.get("calibration") if calibrated else None
+    point = sidecar.get("operating_point") if cal else None
+    return ({"method": cal["method"], "temperature": cal.get("temperature")} if cal else None,
+            {k: point[k] for k in ("class", "metric", "target", "threshold")} if point else None)
+
+
 def binary_rates(confusion: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Sensitivity and specificity of class ``c`` (one against the rest) from (R, K, K) confusion
     matrices (true, predicted); NaN where a resample has no positive or no negative."""

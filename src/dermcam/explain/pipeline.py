@@ -31,6 +31,7 @@ import numpy as np
 from dermcam import __version__
 from dermcam.data.images import decode_image, load_image
 from dermcam.errors import BadInputError, DermcamError, ExitCode, NotFoundError
+from dermcam.evaluate.operating import applied
 from dermcam.progress import Progress
 from dermcam.store.files import atomic_path, atomic_write_bytes, atomic_write_json
 
@@ -431,12 +432,12 @@ def explain(paths: Sequence[str | Path], *, checkpoint: str | Path | None = None
     elif cam:
         layer = layer or find_target_layer(model)
         resolve_layer(model, layer)  # a wrong --layer fails now, not once per image
+    calibration, point = applied(sidecar, calibrated=calibrated)
     report = ExplainReport(checkpoint=checkpoint_identity(sidecar), classes=classes,
                            method=method if cam else None, layer=layer if cam else None, tta=tta,
                            out_dir=Path(out_dir), failures=failures,
                            inputs=[f.image for f in failures] + [p for p, _ in images],
-                           calibration=_applied(sidecar, calibrated),
-                           operating_point=_operating_point(sidecar, calibrated), warnings=notes,
+                           calibration=calibration, operating_point=point, warnings=notes,
                            metadata=meta_block)
     reshape_transform = reshape_transform_for(model) if cam and member_layers is None else None
     progress = progress or Progress()
@@ -483,17 +484,6 @@ def _metadata_source(given: Any, images: list[tuple[Path, Path]], sidecar: dict[
     else:
         notes.extend(n for table in rows.found.values() if table is not None for n in table.notes)
     return rows, {"fields": fields, "files": []}
-
-
-def _applied(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any] | None:
-    """The calibration explain applies, as its outputs record it (method and temperature)."""
-    cal = sidecar.get("calibration") if calibrated else None
-    return {"method": cal["method"], "temperature": cal["temperature"]} if cal else None
-
-
-def _operating_point(sidecar: dict[str, Any], calibrated: bool) -> dict[str, Any] | None:
-    point = sidecar.get("operating_point") if calibrated else None  # never without a calibration (schema)
-    return {k: point[k] for k in ("class", "metric", "target", "threshold")} if point else None
 
 
 def write_csv(report: ExplainReport, path: Path) -> Path:

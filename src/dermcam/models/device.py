@@ -106,11 +106,26 @@ def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[A
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def resolve_precision(requested: str, device: Any, *, scoring: bool = False) -> str:
+# Backbones built mostly of depthwise-separable convolutions (timm's EfficientNet / MobileNet families):
+# on a CPU, bf16 autocast trains them *slower* than fp32 even with native bf16 (measured on a Sapphire
+# Rapids VM with AMX: EfficientNet-Lite0 0.6-0.9x, ConvNeXt-Tiny 1.25x; docs/models.md).
+DEPTHWISE_FAMILIES = ("efficientnet", "tf_efficientnet", "test_efficientnet", "mobilenet", "tf_mobilenet",
+                      "mnasnet", "tf_mnasnet", "semnasnet", "spnasnet", "lcnet", "tinynet", "fbnet")
+
+
+def cpu_bf16_pays_off(backbone: str | None) -> bool:
+    """Whether bf16 autocast should beat fp32 for training ``backbone`` on this CPU: only with native
+    bf16, and not for the depthwise-separable families measured slower there."""
+    family = (backbone or "").lower().split("/")[-1]
+    return cpu_supports_bf16() and not family.startswith(DEPTHWISE_FAMILIES)
+
+
+def resolve_precision(requested: str, device: Any, *, scoring: bool = False, backbone: str | None = None) -> str:
     """The precision to run in: ``requested``, or for ``auto``:
 
-    - training: bf16 on CUDA cards and CPUs that have it natively (AMX/AVX512-BF16), else fp16 (CUDA)
-      or fp32; bf16 on a CPU without it is emulated and about 2x slower than fp32.
+    - training: bf16 on CUDA cards that have it, else fp16; on the CPU, bf16 where it is native
+      (AMX/AVX512-BF16) and measured to pay off for ``backbone`` (:func:`cpu_bf16_pays_off`), else fp32.
+      bf16 on a CPU without native support is emulated and about 2x slower than fp32.
     - ``scoring`` (evaluate, explain, training's validation): fp32, so that the same image gets the
       same probabilities from every command on every machine (bf16 moves them by ~1e-3).
     """
@@ -126,4 +141,12 @@ def resolve_precision(requested: str, device: Any, *, scoring: bool = False) -> 
         return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_pays_off(backbone) else "fp32"
+
+
+def emulated_bf16_note(precision: str, device: Any) -> str | None:
+    """The one line that says a CPU without native bf16 will run ``--precision bf16`` slowly (None otherwise)."""
+    if precision != "bf16" or device.type != "cpu" or cpu_supports_bf16():
+        return None
+    return ("--precision bf16 on a CPU without AMX or AVX512-BF16: PyTorch emulates bf16, about 2x slower "
+            "than fp32 (--precision auto chooses fp32 here)")

@@ -143,7 +143,7 @@ class Trainer:
         from dermcam.data.folds import split_rows
         from dermcam.models.backbones import build_model, create_model, data_config, freeze_stages
         from dermcam.models.compile import maybe_compile
-        from dermcam.models.device import resolve_precision, select_device
+        from dermcam.models.device import emulated_bf16_note, resolve_precision, select_device
 
         cfg = self.config
         self.data = load_prepared(cfg.dataset, self.root)
@@ -159,7 +159,10 @@ class Trainer:
                                 f"({', '.join(self.classes)})")
         check_distributed(cfg, self.dist)
         self.device = self.dist.device if self.dist.enabled else select_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, backbone=cfg.backbone)
+        emulated = emulated_bf16_note(self.precision, self.device)
+        if emulated:
+            self.progress.log(f"Note: {emulated}")
         # Validation scores images as evaluate and explain do (fp32 unless bf16/fp16 was asked for).
         self.scoring_precision = resolve_precision(cfg.precision, self.device, scoring=True)
         seed_everything(cfg.seed)
