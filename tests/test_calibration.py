@@ -99,10 +99,11 @@ def test_the_threshold_reaches_its_target_and_goes_no_further(spec: str, seed: i
     assert point["validation"]["sensitivity"] == pytest.approx(sensitivity)
     assert point["validation"]["specificity"] == pytest.approx(specificity)
     scores = np.unique(probs[:, c])
-    if wanted.metric == "sensitivity":  # the highest threshold: the next score up misses the target
+    assert not (scores == point["threshold"]).any()  # between two scores: last-bit noise flips no image
+    if wanted.metric == "sensitivity":  # the highest threshold: leaving out the lowest score called misses it
         assert sensitivity >= wanted.target
         higher = scores[scores > point["threshold"]]
-        assert not len(higher) or (probs[y == c, c] >= higher[0]).mean() < wanted.target
+        assert not len(higher) or (probs[y == c, c] > higher[0]).mean() < wanted.target
     else:  # the lowest threshold: the next score down misses it
         assert specificity >= wanted.target
         lower = scores[scores < point["threshold"]]

@@ -85,17 +85,22 @@ def check_labels(spec: OperatingPointSpec, classes: Sequence[str], labels: np.nd
 def choose(scores: np.ndarray, positive: np.ndarray, spec: OperatingPointSpec) -> dict[str, Any]:
     """The threshold on ``scores`` (calibrated p(class) of the validation images) for ``spec``.
 
-    Candidate thresholds are the observed scores (plus one just above the highest); a lesion is called
-    positive when its score is >= the threshold. Sensitivity falls as the threshold rises, so for a
-    sensitivity target the *highest* threshold that still reaches it is taken (fewest false alarms);
-    specificity rises with the threshold, so for a specificity target the *lowest* (fewest misses).
+    Candidate cut-offs are the observed scores (plus one above the highest); a lesion is called positive
+    when its score is >= the threshold. Sensitivity falls as the threshold rises, so for a sensitivity
+    target the *highest* cut-off that still reaches it is taken (fewest false alarms); specificity rises
+    with the threshold, so for a specificity target the *lowest* (fewest misses).
+
+    The stored threshold is the midpoint between the chosen cut-off and the next observed score below
+    it, not the score itself: a threshold equal to a validation image's probability would let a
+    difference in the last bits (another batch size, thread count or CPU) flip that image's decision
+    between ``calibrate`` and ``evaluate``; the midpoint gives the same decisions with a margin.
     """
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
     candidates = np.unique(scores)
     if candidates[-1] < 1.0:
-        candidates = np.append(candidates, np.nextafter(candidates[-1], 2.0))
+        candidates = np.append(candidates, (candidates[-1] + 1.0) / 2)
     found_pos = len(pos) - np.searchsorted(pos, candidates, side="left")  # positives with score >= t
     below_neg = np.searchsorted(neg, candidates, side="left")  # negatives with score < t
     if spec.metric == "sensitivity":
@@ -108,8 +113,12 @@ def choose(scores: np.ndarray, positive: np.ndarray, spec: OperatingPointSpec) -
                   "specificity": round(float(below_neg[pick] / len(neg)), 6),
                   "n": len(scores), "positives": len(pos), "negatives": len(neg),
                   "reached": bool(len(reached))}
+    below = candidates[pick - 1] if pick else 0.0
+    threshold = (below + candidates[pick]) / 2
+    if not below < threshold <= candidates[pick]:  # adjacent floats: no room for a margin
+        threshold = candidates[pick]
     return {"class": spec.name, "metric": spec.metric, "target": spec.target,
-            "threshold": float(min(candidates[pick], 1.0)), "validation": validation}
+            "threshold": float(min(threshold, 1.0)), "validation": validation}
 
 
 def decide(probs: np.ndarray, point: Mapping[str, Any] | None, classes: Sequence[str]) -> np.ndarray:
