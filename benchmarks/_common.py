@@ -48,13 +48,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide dermcam's speed on a CPU (bf16 autocast pays only with the first two).
+FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx512_vnni", "avx2", "fma")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [flag for flag in FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def epoch_minutes(run_dir: Path) -> float:
+    """The sum of a run's recorded epoch times (training and validation), in minutes: a run's own cost
+    however many processes it took (a resumed run's clock in one process sees only the rest)."""
+    from dermcam.store.runs import read_metrics
+
+    return round(sum(float(e.get("seconds") or 0.0) for e in read_metrics(Path(run_dir))) / 60, 2)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
     from dermcam.models.device import cpu_supports_bf16
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(), "native_bf16": cpu_supports_bf16(), "load_average": os.getloadavg(),
+            "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "native_bf16": cpu_supports_bf16(), "load_average": os.getloadavg(),
             "threads": torch.get_num_threads(), "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 import accuracy_cv_ham10000_lite as recipe
-from _common import LITE, RESULTS, machine, peak_rss_mib, report
+from _common import LITE, RESULTS, epoch_minutes, machine, peak_rss_mib, report
 
 METRICS = ("balanced_accuracy", "recall_mel", "macro_f1", "auc_macro")
 # What each variant changes in the recipe's configuration.
@@ -315,7 +315,7 @@ def score(models: list[dict[str, Any]], classes: list[str], resamples: int, seed
             "variant": model["variant"], "metadata": model["config"].get("metadata"),
             "color_constancy": model["config"].get("color_constancy"), "run": model["run"], "best": model["best"],
             "trained": model["trained"], "epochs": len(epochs),
-            "epoch_min": round(sum(float(e.get("seconds") or 0.0) for e in epochs) / 60, 2),
+            "epoch_min": epoch_minutes(model["ckpt"].run_dir),
             "wall_min": model["wall_min"], "images": len(predicted), "groups": len(set(map(str, predicted.group)))}
         for key in METRICS:
             row[key] = metrics.get(key)

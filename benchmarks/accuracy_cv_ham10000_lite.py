@@ -17,7 +17,9 @@ What it runs, in this order, so that every choice is made before the test split 
    probabilities), the same with four-flip TTA (an ablation row, not a choice), each fold's model
    alone (the single-model rows), with 95% lesion-bootstrap intervals.
 
-Times are wall-clock minutes per stage, measured in this process; run it alone (check ``uptime``).
+Times are wall-clock minutes per stage, measured in this process (a resumed recipe's count only what
+this process ran), and ``epoch_minutes``: every fold run's and the student's recorded epoch times, read
+from the store; run it alone (check ``uptime``).
 Results: benchmarks/results/accuracy_cv_ham10000_lite[_TAG].json. ``--smoke`` runs every step on a tiny
 synthetic HAM10000 layout with a tiny random model in a temporary folder and writes nothing (the test
 suite runs it).
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import LITE, machine, peak_rss_mib, report
+from _common import LITE, epoch_minutes, machine, peak_rss_mib, report
 
 HEADLINE = ("balanced_accuracy", "recall_mel", "macro_f1", "auc_macro", "accuracy")
 
@@ -166,10 +168,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              **summary(evaluate(best, split="test", progress=progress).metrics)})
         minutes["test_scoring"] = (time.monotonic() - start) / 60
     minutes["training_total"] = minutes["cross_validation"] + minutes.get("distillation", 0.0)
-    return {"rows": rows, "oof": {"images": oof.images, "groups": oof.groups, **summary(oof.metrics)},
+    return {"rows": rows, "epoch_minutes": run_epoch_minutes(cv, student), "oof": {"images": oof.images, "groups": oof.groups, **summary(oof.metrics)},
             "minutes": {k: round(v, 2) for k, v in minutes.items()}, "config": {**vars(args), "home": str(args.home),
                                                                                "source": str(args.source)},
             "options": options, "peak_rss_mib": peak_rss_mib(), "machine_at_start": machine()}
+
+
+def run_epoch_minutes(cv: Any, student: Any) -> dict[str, float]:
+    """Each fold run's and the student's recorded epoch minutes (training and validation), read from the
+    store: a resumed recipe's ``minutes`` count only what this process ran, these count every epoch."""
+    from dermcam.store.runs import find_run
+
+    out = {f"fold {info['fold']} ({info['run']})": epoch_minutes(find_run(info["run"]))
+           for info in (cv.record["fold_runs"] if hasattr(cv, "record") else [])}
+    if student is not None:
+        out["student"] = epoch_minutes(student.run.run_dir)
+    return out
 
 
 if __name__ == "__main__":

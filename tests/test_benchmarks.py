@@ -90,3 +90,6 @@ def test_the_cross_validation_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Pat
         assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["id"], row
     assert record["oof"]["images"] > 0 and record["options"]["metadata"] == "age,sex,site"
     assert set(record["minutes"]) >= {"prepare", "cross_validation", "distillation", "test_scoring", "training_total"}
+    epochs = record["epoch_minutes"]  # every run's recorded epochs, read from the store
+    assert len(epochs) == 3 and "student" in epochs and all(minutes >= 0 for minutes in epochs.values()), epochs
+    assert "cpu_flags" in record["machine_at_start"]

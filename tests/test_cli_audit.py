@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_json
+from test_report import Page, needs_chromium, open_in_chromium
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,19 @@ def test_audit_of_the_best_checkpoint_writes_beside_its_report_and_the_page_show
     assert str(run / "report" / "report.html") in out["files"]
     page = (run / "report" / "report.html").read_text(encoding="utf-8")
     assert 'id="shortcuts"' in page and "What changes the answer" in page and "Where the attention goes" in page
+
+
+@needs_chromium
+def test_the_report_section_renders_offline_in_a_browser(runner, home: Path, tmp_path: Path) -> None:
+    """The section's charts and example images decode in headless Chromium with the page's own CSP, and
+    nothing asks the network (the report check of test_report, on a page with an audit section)."""
+    run_json(runner, ["audit", "--limit", "6", "-p", "ink", "-p", "vignette", "--json"])
+    page = run_dir(home) / "report" / "report.html"
+    text = page.read_text(encoding="utf-8")
+    section = text[text.index('id="shortcuts"'):]
+    assert section.count("<img") >= 2  # a chart and the example images with their CAM
+    images, broken, console = open_in_chromium(page, tmp_path)
+    assert images == len(Page(text).images) and broken == 0 and console == []
 
 
 def test_the_table_fits_80_columns_and_says_stable_or_not(runner, home: Path, tmp_path: Path) -> None:

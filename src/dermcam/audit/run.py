@@ -128,7 +128,7 @@ def attention_findings(attention: AttentionResult | None) -> list[str]:
     errors = attention.errors()
     off, rest = errors["off_lesion"], errors["rest"]
     if off["n"] and rest["n"]:
-        lines.append(f"Off-lesion images ({off['n']}) are {errors['verdict']}: error rate {off['rate']:.0%} vs "
+        lines.append(f"Off-lesion images ({off['n']}): {errors['verdict']}; error rate {off['rate']:.0%} vs "
                      f"{rest['rate']:.0%} on the other {rest['n']}.")
     failed = sum(not i.lesion_ok for i in attention.images)
     if failed:
