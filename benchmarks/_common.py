@@ -49,7 +49,7 @@ def cpu_model() -> str:
 
 
 # The CPU features that decide dermcam's speed on a CPU (bf16 autocast pays only with the first two).
-FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx512_vnni", "avx2", "fma")
+FLAGS = ("amx_bf16", "avx512_bf16", "amx_tile", "avx512f", "avx512_vnni", "avx2", "fma")
 
 
 def cpu_flags() -> list[str]:

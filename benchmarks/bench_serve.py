@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LITE, cpu_model, report  # noqa: E402
+from _common import LITE, cpu_flags, cpu_model, report  # noqa: E402
 
 CONFIGS = (("batched", ["--max-batch", "16", "--max-wait-ms", "10"]), ("unbatched", ["--max-batch", "1"]))
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
 
 
 def make_checkpoint(backbone: str, input_size: tuple[int, int]) -> str:
@@ -173,17 +172,6 @@ def measure(ckpt: str, name: str, options: list[str], images: list[bytes], clien
             "load_p50_ms": 1000 * statistics.median(latencies), "load_p95_ms": 1000 * percentile(latencies, 0.95),
             "load_img_s": len(latencies) / wall, "errors": errors[0], "largest_batch": stats["largest_batch"],
             "mean_batch": round(stats["images"] / max(stats["batches"], 1), 2), "exit_code": exit_code}
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS if f in present]
-    except OSError:
-        pass
-    return []
 
 
 def uptime() -> str:
