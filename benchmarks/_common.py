@@ -53,15 +53,14 @@ FLAGS = ("amx_bf16", "avx512_bf16", "amx_tile", "avx512f", "avx512_vnni", "avx2"
 
 
 def cpu_flags() -> list[str]:
-    """Which of :data:`FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    """Which of :data:`FLAGS` this CPU has (dermcam's own /proc/cpuinfo reader; empty where it cannot be read)."""
+    from dermcam.models.device import cpu_flags as read_flags
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [flag for flag in FLAGS if flag in have]
+        have = read_flags() or set()
     except OSError:
-        pass
-    return []
+        return []
+    return [flag for flag in FLAGS if flag in have]
 
 
 def epoch_minutes(run_dir: Path) -> float:

@@ -14,18 +14,26 @@ import contextlib
 _CPUINFO = Path("/proc/cpuinfo")
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (the first processor's), or None where there is no
+    such file (not Linux). The one reader of them: dermcam's precision choice and the benchmarks'
+    machine records both ask here."""
+    if not _CPUINFO.exists():
+        return None
+    for line in _CPUINFO.read_text(errors="replace").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast can pay off.
 
     Without those instructions PyTorch emulates bf16 and autocast is slower than fp32 (see
     docs/models.md for measurements). Reads /proc/cpuinfo on Linux, else asks torch's CPU probes.
     """
-    if _CPUINFO.exists():
-        flags: set[str] = set()
-        for line in _CPUINFO.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
+    if flags is not None:
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     import torch
 
