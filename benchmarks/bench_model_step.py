@@ -36,7 +36,9 @@ def one_config(backbone: str, precision: str, memory_format: str, steps: int) ->
     import torch.nn.functional as F
 
     from dermcam.models.backbones import build_model
+    from dermcam.models.device import select_device
 
+    select_device("cpu")  # dermcam's own process setup (the allocator tune), as every command has it
     torch.manual_seed(0)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     model = build_model(backbone, 3).train().to(memory_format=fmt)

@@ -448,3 +448,45 @@ def test_auto_precision_on_the_cpu_follows_the_measurements(monkeypatch: pytest.
     note = emulated_bf16_note("bf16", cpu)
     assert (note is None) is native and (native or "emulates bf16" in note)
     assert emulated_bf16_note("fp32", cpu) is None
+
+
+_CHURN = """
+import json, resource, sys
+import numpy as np
+from dermcam.models.device import select_device, tune_cpu_allocator
+
+def faults_of_churn():  # page faults of ten 64 MB activations made and freed, as a model's batches do
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        block = np.ones(8 * 2**20)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+untuned = faults_of_churn()
+select_device("cpu")
+faults_of_churn()  # the heap grows once
+print(json.dumps({"tuned": tune_cpu_allocator(), "untuned": untuned, "after": faults_of_churn()}))
+"""
+
+
+def _churn(env: dict[str, str]) -> dict[str, object]:
+    import json
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                                                                        "DERMCAM_ALLOCATOR"))}
+    done = subprocess.run([sys.executable, "-c", _CHURN], env={**clean, **env}, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="the allocator tune is glibc's mallopt")
+def test_select_device_keeps_freed_tensor_memory_instead_of_faulting_it_in_again() -> None:
+    tuned = _churn({})
+    assert tuned["tuned"] is True
+    assert tuned["untuned"] >= 10  # glibc's default: every 64 MB block is a fresh mmap, faulted in again
+    assert tuned["after"] <= 2  # tuned: the freed block is reused from the heap
+    for opt_out in ({"DERMCAM_ALLOCATOR": "system"}, {"MALLOC_MMAP_MAX_": "65536"}):  # the user's choice stands
+        left = _churn(opt_out)
+        assert left["tuned"] is False and left["after"] >= 10

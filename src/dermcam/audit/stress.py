@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from dermcam.evaluate.operating import ModelOutputs
 
+T = TypeVar("T")
 STABLE_DELTA = 0.02
 STABLE_FLIPS = 0.02
 
@@ -214,6 +215,39 @@ def perturbed(pixels: np.ndarray, name: str, rows: Sequence[int], seed: int,
                      for image, row, lesion in zip(pixels, rows, lesions)])
 
 
+def perturbed_batches(images: np.ndarray, rows: np.ndarray, names: Sequence[str], seed: int,
+                      batch_size: int) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
+    """(positions in ``rows``, perturbation, perturbed pixels) for each batch and perturbation in turn:
+    each batch is read and its lesion masks found once, for all its perturbations."""
+    for start in range(0, len(rows), batch_size):
+        part = np.arange(start, min(start + batch_size, len(rows)))
+        pixels = np.asarray(images[rows[part]], dtype=np.uint8)
+        lesions = lesion_masks(pixels)
+        for name in names:
+            yield part, name, perturbed(pixels, name, rows[part], seed, lesions)
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """``items`` in order, the next one made in a worker thread while the caller works on this one.
+
+    Why: the model's forward pass keeps torch's threads busy only part of the time, and perturbing a
+    batch (numpy and Pillow, which release the GIL) is about a tenth of the audit's work; overlapping
+    the two hides most of it (docs/audit.md, "Cost"). The work and its order are unchanged, so the
+    results are the same bytes as without the thread; an error in the worker is raised here, in turn.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dermcam-perturb") as pool:
+        pending = pool.submit(next, items, done)
+        while True:
+            item = pending.result()
+            if item is done:
+                return
+            pending = pool.submit(next, items, done)
+            yield item
+
+
 def audit_stress(model: torch.nn.Module, sidecar: dict[str, Any], images: np.ndarray, rows: np.ndarray,
                  baseline: ModelOutputs, *, names: Sequence[str], seed: int = 0, metadata: Any = None,
                  batch_size: int = 32, device: Any = "cpu", progress: Progress | None = None,
@@ -234,18 +268,13 @@ def audit_stress(model: torch.nn.Module, sidecar: dict[str, Any], images: np.nda
     started = time.perf_counter()
     progress.start("audit: what changes the answer", total=n * len(names))
     try:
-        for start in range(0, n, batch_size):
-            part = np.arange(start, min(start + batch_size, n))
-            pixels = np.asarray(images[rows[part]], dtype=np.uint8)
-            lesions = lesion_masks(pixels)
+        for part, name, moved in prefetched(perturbed_batches(images, rows, names, seed, batch_size)):
             chunk_meta = take(metadata, part) if metadata is not None else None
-            for name in names:
-                moved = perturbed(pixels, name, rows[part], seed, lesions)
-                out = score(model, sidecar, moved, np.arange(len(part)), device=device, batch_size=len(part),
-                            metadata=chunk_meta, compile=compile and not notes, notes=notes)  # failed once: eager
-                after[name][part] = out.probs[:, c]
-                decided[name][part] = out.decisions
-                progress.advance(len(part))
+            out = score(model, sidecar, moved, np.arange(len(part)), device=device, batch_size=len(part),
+                        metadata=chunk_meta, compile=compile and not notes, notes=notes)  # failed once: eager
+            after[name][part] = out.probs[:, c]
+            decided[name][part] = out.decisions
+            progress.advance(len(part))
     finally:
         progress.finish()
     base_p = np.asarray(baseline.probs[:, c], dtype=np.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,7 +11,6 @@ from dermcam.errors import BadInputError
 
 if TYPE_CHECKING:
     import torch
-import contextlib
 
 _CPUINFO = Path("/proc/cpuinfo")
 
@@ -41,10 +42,63 @@ def cpu_supports_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
+# glibc's mallopt parameters (malloc.h) and the value dermcam sets; see tune_cpu_allocator.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+TRIM_NEVER = -1  # mallopt(M_TRIM_THRESHOLD, -1): "disables trimming completely" (glibc's manual)
+ALLOCATOR_ENV = "DERMCAM_ALLOCATOR"  # "system": leave glibc's malloc as it is
+_USER_ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                       "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel and faulting it
+    in again on the next batch; True where it was done (glibc Linux), False where it was left alone.
+
+    Why: glibc serves every allocation over its mmap threshold (at most 32 MB) with a fresh ``mmap``
+    and returns it with ``munmap`` when freed. A CNN's activations at batch 32 are tens of MB each, so
+    every forward and backward pass zero-fills and faults in hundreds of MB again: measured on the
+    2-core VM, a quarter of a training step and of an audit was kernel time in page faults
+    (docs/benchmarks.md, "The memory allocator"). ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap,
+    where freed blocks are reused, and ``M_TRIM_THRESHOLD`` -1 keeps the heap's free top instead of
+    trimming it (a 256 MB threshold still trimmed, and faulted in again, in about half of the measured
+    runs). Cost: a higher peak RSS (a fifth more in a training step), held until the process exits:
+    the right trade for a command that runs one job; ``dermcam serve`` holds its peak batch's memory.
+
+    Left alone where the user chose an allocator (any of ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` set, e.g. for
+    jemalloc), where ``DERMCAM_ALLOCATOR=system``, and off glibc (macOS, Windows, musl). Done once per
+    process, by :func:`select_device`, before the first model runs; forked data-loader workers inherit it.
+    """
+    import os
+    import platform
+
+    if os.environ.get(ALLOCATOR_ENV, "").strip().lower() == "system":
+        return False
+    if any(os.environ.get(name) for name in _USER_ALLOCATOR_ENV):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_NEVER))
+
+
 def select_device(requested: str = "auto") -> torch.device:
     """The torch device to train / infer on: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``,
-    ``cuda:N`` or ``mps``. Asking for an accelerator that is not there is a :class:`BadInputError`."""
+    ``cuda:N`` or ``mps``. Asking for an accelerator that is not there is a :class:`BadInputError`.
+    Every command that runs a model comes here first, so this is also where the process's memory
+    allocator is tuned for tensor work (:func:`tune_cpu_allocator`)."""
     import torch
+
+    tune_cpu_allocator()
 
     requested = (requested or "auto").strip().lower()
     if requested == "auto":

@@ -1,0 +1,106 @@
+"""Does dermcam's allocator tune pay (:func:`dermcam.models.device.tune_cpu_allocator`)? Each workload
+runs in its own process, tuned (dermcam's default) and untuned (``DERMCAM_ALLOCATOR=system``, glibc's
+defaults), alternating, ``--repeats`` times; the process's own wall, user and kernel time, minor page
+faults and peak RSS come from ``os.wait4``.
+
+    python benchmarks/bench_allocator.py [--repeats 2] [--steps 5]
+        [--audit CKPT --home STORE [--limit 160]]    # plus a stress audit of a trained checkpoint
+
+Workloads:
+
+- ``train_step``: :mod:`bench_model_step`'s bare training step (tf_efficientnet_lite0, fp32,
+  channels_last, batch 32 at 224x224, random weights), ``--steps`` timed steps after one warm-up; its
+  ``median_step_s`` is the number to compare;
+- ``audit_stress`` (only with ``--audit``): ``dermcam audit CKPT --only stress --limit N --threads 2``
+  on the checkpoint's own test split in store ``--home``: 17 scoring passes over N images (baseline
+  and 16 perturbations), perturbing included; ``stress_s`` is its own clock.
+
+Run it alone (``uptime`` first): a busy second core changes both sides. Results:
+benchmarks/results/allocator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import report
+
+HERE = Path(__file__).resolve().parent
+MODES = {"tuned": {}, "system": {"DERMCAM_ALLOCATOR": "system"}}
+_OWN = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "DERMCAM_ALLOCATOR")
+
+
+def measured(cmd: list[str], env: dict[str, str]) -> tuple[str, dict[str, float]]:
+    """Run ``cmd``; its stdout and its own resource use (not any other child's)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OWN)}
+    with tempfile.TemporaryFile() as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env={**clean, **env}, stdout=out, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+        out.seek(0)
+        text = out.read().decode()
+    return text, {"wall_s": round(wall, 2), "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2),
+                  "minor_faults": usage.ru_minflt, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def workloads(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[str], str, dict[str, str]]]:
+    """Each workload's command, the key of its own timing in its JSON output and its environment."""
+    jobs = {"train_step": ([sys.executable, str(HERE / "bench_model_step.py"), "--one", "tf_efficientnet_lite0",
+                            "fp32", "channels_last", "--steps", str(args.steps)], "median_step_s", {})}
+    if args.audit:
+        jobs["audit_stress"] = ([sys.executable, "-m", "dermcam", "audit", args.audit, "--only", "stress",
+                                 "--limit", str(args.limit), "--threads", "2", "--out", str(scratch / "audit"),
+                                 "--json"], "stress", {"DERMCAM_HOME": str(args.home)})
+    return jobs
+
+
+def own_seconds(text: str, key: str) -> float:
+    data = json.loads(text[text.index("{"):])
+    return float(data["seconds"][key] if key == "stress" else data[key])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--audit", help="a checkpoint id in --home to audit (default: no audit workload)")
+    parser.add_argument("--home", type=Path, help="the store that holds --audit")
+    parser.add_argument("--limit", type=int, default=160)
+    args = parser.parse_args()
+    if args.audit and not args.home:
+        parser.error("--audit needs --home")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (cmd, key, extra) in workloads(args, Path(tmp)).items():
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+            for _ in range(args.repeats):
+                for mode, env in MODES.items():
+                    text, usage = measured(cmd, {**extra, **env})
+                    runs[mode].append({key: own_seconds(text, key), **usage})
+                    print(f"  {name} {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
+            for mode, done in runs.items():
+                rows.append({"workload": name, "allocator": mode, "repeats": len(done),
+                             **{k: statistics.median(r[k] for r in done) for k in done[0]}})
+            tuned, system = (next(r for r in rows if r["workload"] == name and r["allocator"] == m)
+                             for m in ("tuned", "system"))
+            tuned["speedup"] = round(system[key] / tuned[key], 2)
+    report("allocator", rows, {"what": "tuned = dermcam's mallopt (M_MMAP_MAX 0, M_TRIM_THRESHOLD -1: never trim); "
+                                       "system = glibc's defaults (DERMCAM_ALLOCATOR=system); medians of repeats",
+                               "options": {k: str(v) for k, v in vars(args).items()}})
+
+
+if __name__ == "__main__":
+    main()
