@@ -4,13 +4,17 @@ defaults), alternating, ``--repeats`` times; the process's own wall, user and ke
 faults and peak RSS come from ``os.wait4``.
 
     python benchmarks/bench_allocator.py [--repeats 2] [--steps 5]
-        [--audit CKPT --home STORE [--limit 160]]    # plus a stress audit of a trained checkpoint
+        [--home STORE [--audit CKPT [--limit 160]]]   # plus dermcam's training loop, and a stress audit
 
 Workloads:
 
 - ``train_step``: :mod:`bench_model_step`'s bare training step (tf_efficientnet_lite0, fp32,
   channels_last, batch 32 at 224x224, random weights), ``--steps`` timed steps after one warm-up; its
   ``median_step_s`` is the number to compare;
+- ``train_loop`` (only with ``--home``, a store holding a prepared ham10000-lite):
+  :mod:`bench_train`'s training loop (cache read, augmentation, step, as ``dermcam train`` runs it) for
+  the cross-validated recipe's backbone and size (tf_efficientnet_lite0, 192x144, fp32), with nothing
+  frozen and with ``--freeze 2``, 6 timed batches each; ``loop_s_per_batch`` is the two summed;
 - ``audit_stress`` (only with ``--audit``): ``dermcam audit CKPT --only stress --limit N --threads 2``
   on the checkpoint's own test split in store ``--home``: 17 scoring passes over N images (baseline
   and 16 perturbations), perturbing included; ``stress_s`` is its own clock.
@@ -32,10 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import report
+from _common import RESULTS, report
 
 HERE = Path(__file__).resolve().parent
 MODES = {"tuned": {}, "system": {"DERMCAM_ALLOCATOR": "system"}}
+LOOP_RESULT = "allocator_train_loop"  # bench_train.py's results file while this runs
 _OWN = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "DERMCAM_ALLOCATOR")
 
 
@@ -60,6 +65,10 @@ def workloads(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[s
     """Each workload's command, the key of its own timing in its JSON output and its environment."""
     jobs = {"train_step": ([sys.executable, str(HERE / "bench_model_step.py"), "--one", "tf_efficientnet_lite0",
                             "fp32", "channels_last", "--steps", str(args.steps)], "median_step_s", {})}
+    if args.home:
+        jobs["train_loop"] = ([sys.executable, str(HERE / "bench_train.py"), "--home", str(args.home),
+                               "--backbone", "tf_efficientnet_lite0", "--image-size", "192x144", "--freeze", "0", "2",
+                               "--precision", "fp32", "--batches", "6", "--name", LOOP_RESULT], "loop_s_per_batch", {})
     if args.audit:
         jobs["audit_stress"] = ([sys.executable, "-m", "dermcam", "audit", args.audit, "--only", "stress",
                                  "--limit", str(args.limit), "--threads", "2", "--out", str(scratch / "audit"),
@@ -68,6 +77,14 @@ def workloads(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[s
 
 
 def own_seconds(text: str, key: str) -> float:
+    """The workload's own timing: from its JSON on stdout, or for ``train_loop`` from the results file
+    bench_train.py wrote (read, then removed: its rows belong to this benchmark): seconds per batch of
+    the training loop, frozen and unfrozen summed."""
+    if key == "loop_s_per_batch":
+        path = RESULTS / f"{LOOP_RESULT}.json"
+        rows = json.loads(path.read_text())["rows"]
+        path.unlink()
+        return round(sum(row["batch"] / row["loop_img_s"] for row in rows), 3)
     data = json.loads(text[text.index("{"):])
     return float(data["seconds"][key] if key == "stress" else data[key])
 
@@ -77,7 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--audit", help="a checkpoint id in --home to audit (default: no audit workload)")
-    parser.add_argument("--home", type=Path, help="the store that holds --audit")
+    parser.add_argument("--home", type=Path, help="a store with a prepared ham10000-lite (and --audit's checkpoint)")
     parser.add_argument("--limit", type=int, default=160)
     args = parser.parse_args()
     if args.audit and not args.home:

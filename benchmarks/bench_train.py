@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--data", default="ham10000-lite")
     parser.add_argument("--freeze", type=int, nargs="+", default=[0], help="frozen stages, one row per value")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--pretrained", default="none", help="weights do not change speed; the default skips loading")
+    parser.add_argument("--name", help="results file name (default: train_throughput_BACKBONE_SIZE[_freezeN-M])")
     args = parser.parse_args()
 
     home = args.home or Path(tempfile.mkdtemp(prefix="dermcam-bench-"))
@@ -44,7 +46,7 @@ def main() -> None:
         prepare(LITE, name=args.data)
     rows = []
     for precision, freeze in ((p, f) for f in args.freeze for p in args.precision):
-        cfg = TrainConfig(freeze=freeze, dataset=args.data, backbone=args.backbone, pretrained="none", batch_size=args.batch_size,
+        cfg = TrainConfig(freeze=freeze, dataset=args.data, backbone=args.backbone, pretrained=args.pretrained, batch_size=args.batch_size,
                           image_size=args.image_size,
                           precision=precision)
         trainer = Trainer(cfg)
@@ -72,7 +74,7 @@ def main() -> None:
                      "loop_img_s": args.batch_size / t_loop, "loop_vs_bare": t_bare / t_loop,
                      "data_ms_per_batch": t_data * 1000, "peak_rss_mib": peak_rss_mib()})
     suffix = "" if args.freeze == [0] else "_freeze" + "-".join(map(str, args.freeze))
-    report(f"train_throughput_{args.backbone}_{args.image_size}{suffix}", rows)
+    report(args.name or f"train_throughput_{args.backbone}_{args.image_size}{suffix}", rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ done
 python bench_explain.py --images 8 --repeats 3
 python bench_bootstrap.py --repeat 3
 python bench_onnx.py
+python bench_allocator.py --repeats 2
 # The long one (about 40 minutes on 2 cores): accuracy within the CPU budget.
 [ "${WITH_ACCURACY:-0}" = 1 ] && python accuracy_ham10000_lite.py
 exit 0

@@ -59,11 +59,11 @@ def tune_cpu_allocator() -> bool:
     Why: glibc serves every allocation over its mmap threshold (at most 32 MB) with a fresh ``mmap``
     and returns it with ``munmap`` when freed. A CNN's activations at batch 32 are tens of MB each, so
     every forward and backward pass zero-fills and faults in hundreds of MB again: measured on the
-    2-core VM, a quarter of a training step and of an audit was kernel time in page faults
+    2-core VM, a fifth to a third of a training step's and an audit's time was kernel time in page faults
     (docs/benchmarks.md, "The memory allocator"). ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap,
     where freed blocks are reused, and ``M_TRIM_THRESHOLD`` -1 keeps the heap's free top instead of
     trimming it (a 256 MB threshold still trimmed, and faulted in again, in about half of the measured
-    runs). Cost: a higher peak RSS (a fifth more in a training step), held until the process exits:
+    runs). Cost: a higher peak RSS (a fifth to 30% more), held until the process exits:
     the right trade for a command that runs one job; ``dermcam serve`` holds its peak batch's memory.
 
     Left alone where the user chose an allocator (any of ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
