@@ -254,6 +254,19 @@ def test_a_damaged_distillation_block_is_a_damaged_checkpoint(runner, store: Sto
                    "distillation.alpha")
 
 
+def test_a_student_can_read_patient_metadata_whatever_its_teacher_read(runner, store: Store) -> None:
+    result = run_json(runner, ["distill", "duo", *STUDENT, "--epochs", "1", "--metadata", "age,sex,site", "--json"])
+    best = result["best_checkpoint"]
+    run, epoch = best.split(":")
+    sidecar = json.loads((store.run_dir(run) / f"epoch-{int(epoch):04d}.json").read_text())
+    assert sidecar["metadata"]["fields"] == ["age", "sex", "site"] and sidecar["config"]["metadata"] == "age,sex,site"
+    assert sidecar["distillation"]["teacher"] == "ensemble:duo"  # the teacher's members read no metadata
+    assert store.straight["config"]["metadata"] is None  # without the option: images only, as before
+    out = run_json(runner, ["evaluate", best, "--resamples", "0", "--json"])
+    assert out["metadata"]["fields"] == ["age", "sex", "site"] and out["metadata"]["without_metadata"] == 0
+    assert out["metrics"]["balanced_accuracy"] == pytest.approx(result["test_metrics"]["balanced_accuracy"])
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["nope"], ExitCode.NOT_FOUND, "no ensemble 'nope'"),
     (["ensemble:nope"], ExitCode.NOT_FOUND, "no ensemble 'nope'"),
@@ -268,6 +281,8 @@ def test_a_damaged_distillation_block_is_a_damaged_checkpoint(runner, store: Sto
     (["duo", "--backbone", "no_such_model"], ExitCode.BAD_INPUT, "no_such_model"),
     (["duo", "--image-size", "48by48"], ExitCode.BAD_INPUT, "--image-size"),
     (["duo", "--threads", "zero"], ExitCode.BAD_INPUT, "--threads"),
+    (["duo", "--metadata", "dx_type"], ExitCode.BAD_INPUT, "--metadata"),  # leaks the label: never a feature
+    (["duo", "--metadata", "height"], ExitCode.BAD_INPUT, "--metadata"),
 ])
 def test_bad_options_are_one_line_before_any_work(runner, store: Store, args: list[str], code: int,
                                                    words: str) -> None:

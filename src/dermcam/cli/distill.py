@@ -41,6 +41,9 @@ def distill_command(
                                              help="Model input: 192 (square) or WIDTHxHEIGHT (default: the teacher's "
                                                   "first member's with its backbone, else the backbone's)."),
     freeze: Optional[int] = typer.Option(None, help=_h("freeze")),
+    metadata: Optional[str] = typer.Option(None, "--metadata", metavar="FIELDS",
+                                           help=HELP["metadata"] + ". The student's own choice, whatever its teacher "
+                                                "used (default: none, images only)."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help=_h("ema")),
     seed: Optional[int] = typer.Option(None, "--seed", help=_h("seed")),
     pretrained: Optional[str] = typer.Option(None, help=_h("pretrained")),
@@ -66,6 +69,7 @@ def distill_command(
         "backbone": backbone, "distill_temperature": temperature, "distill_alpha": alpha, "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "image_size": image_size, "freeze": freeze, "ema": ema, "seed": seed,
         "pretrained": pretrained, "patience": patience, "device": device, "precision": precision,
+        "metadata": metadata,
     }
     with rich_progress() as progress:
         result = distill(ensemble, {k: v for k, v in given.items() if v is not None}, threads=threads,

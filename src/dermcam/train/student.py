@@ -22,7 +22,7 @@ from dermcam.train.distill import (SOFT_TARGETS_FILE, manifest_sha256, soft_targ
 # The training options a student takes from the command line (see dermcam.cli.distill); every other
 # TrainConfig field keeps its default, and the teacher decides the data set.
 STUDENT_OPTIONS = ("backbone", "pretrained", "epochs", "batch_size", "lr", "image_size", "freeze", "ema", "seed",
-                   "patience", "device", "precision", "distill_temperature", "distill_alpha")
+                   "patience", "device", "precision", "distill_temperature", "distill_alpha", "metadata")
 
 
 @dataclass
