@@ -2,7 +2,8 @@
 
     python benchmarks/accuracy_cv_ham10000_lite.py [--folds 5] [--backbone tf_efficientnet_lite0]
         [--image-size 192x144] [--precision fp32] [--epochs 8] [--freeze 2] [--ema] [--metadata age,sex,site]
-        [--color-constancy shades-of-gray] [--student-epochs 8] [--no-student] [--tag TAG] [--smoke]
+        [--color-constancy shades-of-gray] [--student-epochs 8] [--student-metadata FIELDS] [--no-student]
+        [--tag TAG] [--smoke]
 
 What it runs, in this order, so that every choice is made before the test split is read:
 
@@ -11,8 +12,9 @@ What it runs, in this order, so that every choice is made before the test split 
 2. ``dermcam train --folds K ... --ensemble NAME``: K fold runs over train+val, each validated, stopped
    and calibrated on its held-out fold; the out-of-fold estimate over every train+val image
    (``dermcam evaluate cv:NAME``), with lesion-bootstrap intervals;
-3. ``dermcam distill NAME``: one student (the first member's backbone and input size, images only) on
-   the ensemble's calibrated probabilities; its run scores it on test at the end, as every run does;
+3. ``dermcam distill NAME``: one student (the first member's backbone and input size, images only
+   unless ``--student-metadata``) on the ensemble's calibrated probabilities; its run scores it on test
+   at the end, as every run does;
 4. the test split, read once per model: the CV ensemble (its headline: argmax of the mean calibrated
    probabilities), the same with four-flip TTA (an ablation row, not a choice), each fold's model
    alone (the single-model rows), with 95% lesion-bootstrap intervals.
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", default="age,sex,site", help="'' for images only")
     parser.add_argument("--color-constancy", default="shades-of-gray")
     parser.add_argument("--student-epochs", type=int, default=8)
+    parser.add_argument("--student-metadata", default="",
+                        help="fields the student reads (distill --metadata); '' (the measured recipe's "
+                             "default) for images only; age,sex,site brought the student within 0.01 of its "
+                             "teacher (docs/results.md)")
     parser.add_argument("--no-student", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the results file, for ablation runs")
@@ -147,7 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start = time.monotonic()
             student = distill(args.name, {"epochs": args.student_epochs, "seed": args.seed, "patience": 99,
                                           "lr": args.lr, "batch_size": args.batch_size, "freeze": args.freeze,
-                                          "precision": options["precision"], "ema": args.ema, "pretrained": options["pretrained"]},
+                                          "precision": options["precision"], "ema": args.ema,
+                                          "pretrained": options["pretrained"],
+                                          **({"metadata": args.student_metadata} if args.student_metadata else {})},
                               score_teacher=False, progress=progress)  # the teacher's test row is below
             minutes["distillation"] = (time.monotonic() - start) / 60
 

@@ -13,13 +13,13 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 
-def run_smoke(script: str, results_file: str, cwd: Path) -> object:
+def run_smoke(script: str, results_file: str, cwd: Path, *extra: str) -> object:
     """Run ``benchmarks/<script> --smoke`` in ``cwd``: it must exit 0, leave ``cwd`` empty and leave its
     results file in benchmarks/results as it was. Returns the JSON of its last stdout line."""
     results = BENCH.parent / "results" / results_file
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, str(BENCH.parent / script), "--smoke"], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, check=False)
+    proc = subprocess.run([sys.executable, str(BENCH.parent / script), "--smoke", *extra], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(cwd.iterdir())
     assert (results.read_bytes() if results.exists() else None) == before
@@ -80,15 +80,17 @@ def test_the_serve_benchmark_runs_both_configurations_in_smoke_mode(tmp_path: Pa
 
 def test_the_cross_validation_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     """benchmarks/accuracy_cv_ham10000_lite.py on a tiny synthetic HAM10000 layout: prepare, a 2-fold
-    cross-validation with metadata and colour constancy, the distilled student and every test row; it
-    writes no results."""
-    record = run_smoke("accuracy_cv_ham10000_lite.py", "accuracy_cv_ham10000_lite.json", tmp_path)
+    cross-validation with metadata and colour constancy, the distilled student (reading metadata too) and
+    every test row; it writes no results."""
+    record = run_smoke("accuracy_cv_ham10000_lite.py", "accuracy_cv_ham10000_lite.json", tmp_path,
+                       "--student-metadata", "age,sex,site")
     models = [row["model"] for row in record["rows"]]
     assert models == ["CV ensemble (2 folds)", "CV ensemble (2 folds) + TTA", "distilled student",
                       "fold 0 model alone", "fold 1 model alone"]
     for row in record["rows"]:
         assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["id"], row
     assert record["oof"]["images"] > 0 and record["options"]["metadata"] == "age,sex,site"
+    assert record["config"]["student_metadata"] == "age,sex,site"
     assert set(record["minutes"]) >= {"prepare", "cross_validation", "distillation", "test_scoring", "training_total"}
     epochs = record["epoch_minutes"]  # every run's recorded epochs, read from the store
     assert len(epochs) == 3 and "student" in epochs and all(minutes >= 0 for minutes in epochs.values()), epochs
