@@ -41,9 +41,10 @@ def audit_command(
                                             "writes this checkpoint's report.html)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the scoring passes: a slower start, "
-                                                          "faster perturbations (falls back to eager with "
-                                                          "a warning)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the scoring passes: about a minute "
+                                                          "compiling, the same answers; measured no faster on a "
+                                                          "2-core CPU (docs/audit.md), for GPUs and bigger "
+                                                          "models (falls back to eager with a warning)."),
     threads: str = THREADS_OPTION,
     json_output: bool = JSON_OPTION,
 ) -> None:
