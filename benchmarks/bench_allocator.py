@@ -17,7 +17,7 @@ Workloads:
   frozen and with ``--freeze 2``, 6 timed batches each; ``loop_s_per_batch`` is the two summed;
 - ``audit_stress`` (only with ``--audit``): ``dermcam audit CKPT --only stress --limit N --threads 2``
   on the checkpoint's own test split in store ``--home``: 17 scoring passes over N images (baseline
-  and 16 perturbations), perturbing included; ``stress_s`` is its own clock.
+  and 16 perturbations), perturbing included; ``stress`` is its own clock.
 
 Run it alone (``uptime`` first): a busy second core changes both sides. Results:
 benchmarks/results/allocator.json.
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,32 +62,43 @@ def measured(cmd: list[str], env: dict[str, str]) -> tuple[str, dict[str, float]
                   "minor_faults": usage.ru_minflt, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
-def workloads(args: argparse.Namespace, scratch: Path) -> dict[str, tuple[list[str], str, dict[str, str]]]:
-    """Each workload's command, the key of its own timing in its JSON output and its environment."""
-    jobs = {"train_step": ([sys.executable, str(HERE / "bench_model_step.py"), "--one", "tf_efficientnet_lite0",
-                            "fp32", "channels_last", "--steps", str(args.steps)], "median_step_s", {})}
+def step_seconds(stdout: str) -> float:
+    """bench_model_step.py's median seconds per step, from its JSON line."""
+    return float(json.loads(stdout[stdout.index("{"):])["median_step_s"])
+
+
+def loop_seconds(stdout: str) -> float:
+    """bench_train.py's seconds per batch of the training loop, frozen and unfrozen summed, from the
+    results file it wrote (read, then removed: its rows belong to this benchmark)."""
+    path = RESULTS / f"{LOOP_RESULT}.json"
+    rows = json.loads(path.read_text())["rows"]
+    path.unlink()
+    return round(sum(row["batch"] / row["loop_img_s"] for row in rows), 3)
+
+
+def stress_seconds(stdout: str) -> float:
+    """``dermcam audit --json``'s own clock of the stress part."""
+    return float(json.loads(stdout[stdout.index("{"):])["seconds"]["stress"])
+
+
+Workload = tuple[list[str], dict[str, str], str, Callable[[str], float]]
+
+
+def workloads(args: argparse.Namespace, scratch: Path) -> dict[str, Workload]:
+    """Each workload's command, its environment, the name of its own timing and how to read it."""
+    jobs: dict[str, Workload] = {
+        "train_step": ([sys.executable, str(HERE / "bench_model_step.py"), "--one", "tf_efficientnet_lite0", "fp32",
+                        "channels_last", "--steps", str(args.steps)], {}, "median_step_s", step_seconds)}
     if args.home:
         jobs["train_loop"] = ([sys.executable, str(HERE / "bench_train.py"), "--home", str(args.home),
                                "--backbone", "tf_efficientnet_lite0", "--image-size", "192x144", "--freeze", "0", "2",
-                               "--precision", "fp32", "--batches", "6", "--name", LOOP_RESULT], "loop_s_per_batch", {})
+                               "--precision", "fp32", "--batches", "6", "--name", LOOP_RESULT], {},
+                              "loop_s_per_batch", loop_seconds)
     if args.audit:
         jobs["audit_stress"] = ([sys.executable, "-m", "dermcam", "audit", args.audit, "--only", "stress",
                                  "--limit", str(args.limit), "--threads", "2", "--out", str(scratch / "audit"),
-                                 "--json"], "stress", {"DERMCAM_HOME": str(args.home)})
+                                 "--json"], {"DERMCAM_HOME": str(args.home)}, "stress", stress_seconds)
     return jobs
-
-
-def own_seconds(text: str, key: str) -> float:
-    """The workload's own timing: from its JSON on stdout, or for ``train_loop`` from the results file
-    bench_train.py wrote (read, then removed: its rows belong to this benchmark): seconds per batch of
-    the training loop, frozen and unfrozen summed."""
-    if key == "loop_s_per_batch":
-        path = RESULTS / f"{LOOP_RESULT}.json"
-        rows = json.loads(path.read_text())["rows"]
-        path.unlink()
-        return round(sum(row["batch"] / row["loop_img_s"] for row in rows), 3)
-    data = json.loads(text[text.index("{"):])
-    return float(data["seconds"][key] if key == "stress" else data[key])
 
 
 def main() -> None:
@@ -101,12 +113,12 @@ def main() -> None:
         parser.error("--audit needs --home")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (cmd, key, extra) in workloads(args, Path(tmp)).items():
+        for name, (cmd, extra, key, read) in workloads(args, Path(tmp)).items():
             runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
             for _ in range(args.repeats):
                 for mode, env in MODES.items():
                     text, usage = measured(cmd, {**extra, **env})
-                    runs[mode].append({key: own_seconds(text, key), **usage})
+                    runs[mode].append({key: read(text), **usage})
                     print(f"  {name} {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
             for mode, done in runs.items():
                 rows.append({"workload": name, "allocator": mode, "repeats": len(done),

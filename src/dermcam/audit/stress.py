@@ -232,8 +232,9 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
 
     Why: the model's forward pass keeps torch's threads busy only part of the time, and perturbing a
     batch (numpy and Pillow, which release the GIL) is about a tenth of the audit's work; overlapping
-    the two hides most of it (docs/audit.md, "Cost"). The work and its order are unchanged, so the
-    results are the same bytes as without the thread; an error in the worker is raised here, in turn.
+    the two made the stress part about 5% faster on the 2-core VM (docs/audit.md, "Cost"). The work and
+    its order are unchanged, so the results are the same bytes as without the thread; an error in the
+    worker is raised here, in turn.
     """
     from concurrent.futures import ThreadPoolExecutor
 
