@@ -204,6 +204,63 @@ def test_an_interrupted_cross_validation_continues_with_the_next_fold(runner, ho
     assert (home / "ensembles" / "cut.json").is_file()
 
 
+def copy_cv(home: Path, name: str, new: str, **changes: object) -> Path:
+    """A copy of cross-validation ``name`` as ``new`` (its record renamed, ``changes`` applied)."""
+    folder = home / "crossval" / new
+    shutil.copytree(home / "crossval" / name, folder)
+    record = json.loads((folder / "cv.json").read_text())
+    (folder / "cv.json").write_text(json.dumps({**record, "name": new, **changes}))
+    return folder
+
+
+def test_two_cross_validations_are_compared_out_of_fold_paired(runner, home: Path) -> None:
+    """evaluate cv:B --against cv:A: each metric of both on the same images, B - A, its paired interval
+    and what it supports; a copy whose predictions are near-perfect is clearly higher, and the same
+    copy compared the other way round gives the negated difference. Images only one of them predicted
+    are left out with a warning. Refusals: itself, another data set, not a cv:, no cv: to compare."""
+    run_json(runner, ["train", *TINY, "--epochs", "1", "--folds", "2", "--json"])
+    [name] = [p.name for p in (home / "crossval").iterdir()]
+    folder = copy_cv(home, name, "sure")
+    oof = oof_rows(home, "sure")
+    p_cols = [c for c in oof.columns if c.startswith("p_")]
+    sure = np.full((len(oof), len(p_cols)), 0.05)
+    sure[np.arange(len(oof)), oof["label"]] = 1 - 0.05 * (len(p_cols) - 1)
+    oof[p_cols] = sure
+    oof.to_csv(folder / "oof.csv", index=False)
+
+    out = run_json(runner, ["evaluate", "cv:sure", "--against", f"cv:{name}", "--json"])
+    estimate = run_json(runner, ["evaluate", f"cv:{name}", "--resamples", "0", "--json"])
+    assert out["cv"] == "cv:sure" and out["against"] == f"cv:{name}" and out["images"] == len(oof)
+    assert out["split"] == "train+val (out of fold)" and out["groups"] == oof["group"].nunique()
+    rows = {r["metric"]: r for r in out["metrics"]}
+    assert {"balanced_accuracy", "macro_f1", "auc_macro", "recall_mel", "auc_mel"} <= set(rows)
+    top = rows["balanced_accuracy"]
+    assert top["cv"] == 1.0 and top["against"] == estimate["metrics"]["balanced_accuracy"] < 1.0
+    assert top["difference"] == pytest.approx(1.0 - top["against"])
+    assert top["ci"][0] > 0 and top["verdict"] == "cv:sure higher"
+
+    back = run_json(runner, ["evaluate", f"cv:{name}", "--against", "cv:sure", "--json"])
+    back_top = {r["metric"]: r for r in back["metrics"]}["balanced_accuracy"]
+    assert back_top["difference"] == pytest.approx(-top["difference"]) and back_top["verdict"] == "cv:sure higher"
+    shown = cli(runner, "evaluate", "cv:sure", "--against", f"cv:{name}")
+    assert shown.exit_code == 0, shown.output
+    assert "balanced accuracy" in shown.output and "B higher" in shown.output and "paired" in shown.output
+    assert f"A = cv:{name}, B = cv:sure" in shown.output
+
+    oof.iloc[: len(oof) - 3].to_csv(folder / "oof.csv", index=False)  # three images not predicted
+    fewer = cli(runner, "evaluate", "cv:sure", "--against", f"cv:{name}", "--resamples", "0", "--json")
+    assert fewer.exit_code == 0 and "3 images the other did not" in fewer.output
+    assert json.loads(fewer.stdout)["images"] == len(oof) - 3
+
+    record = json.loads((folder / "cv.json").read_text())
+    copy_cv(home, name, "elsewhere", dataset={**record["dataset"], "fingerprint": "0" * 64})
+    refused(cli(runner, "evaluate", "cv:elsewhere", "--against", f"cv:{name}"), ExitCode.BAD_INPUT, "same data set")
+    refused(cli(runner, "evaluate", f"cv:{name}", "--against", f"cv:{name}"), ExitCode.BAD_INPUT, "itself")
+    refused(cli(runner, "evaluate", f"cv:{name}", "--against", name), ExitCode.BAD_INPUT, "cv:NAME")
+    refused(cli(runner, "evaluate", f"cv:{name}", "--against", "cv:nope"), ExitCode.NOT_FOUND, "cv:nope")
+    refused(cli(runner, "evaluate", "best", "--against", f"cv:{name}"), ExitCode.BAD_INPUT, "--against")
+
+
 def test_refusals_are_one_line_before_any_work(runner, home: Path, tmp_path: Path) -> None:
     external = home / "datasets" / "ext"
     shutil.copytree(home / "datasets" / "synth", external)

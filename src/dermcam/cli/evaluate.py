@@ -42,6 +42,12 @@ def evaluate_command(
     overlap_threshold: float = typer.Option(OVERLAP_THRESHOLD, "--overlap-threshold",
                                             help="Fingerprint distance under which an image counts as a copy of "
                                                  "a training image (0 to 0.2; 0: byte-identical copies only)."),
+    against: Optional[str] = typer.Option(None, "--against", metavar="cv:NAME",
+                                          help="With a cv:NAME checkpoint: compare it with another "
+                                               "cross-validation of the same data set, metric by metric, on "
+                                               "the images both predicted out of fold (the difference's 95% "
+                                               "interval over the same resampled lesions). Chooses between "
+                                               "recipes without reading the test split."),
     threads: str = THREADS_OPTION,
     no_calibration: bool = NO_CALIBRATION_OPTION,
     json_output: bool = JSON_OPTION,
@@ -73,9 +79,20 @@ def evaluate_command(
             raise BadInputError(f"{given[0]} does not apply to {checkpoint}: a cross-validation is scored from its "
                                 "stored out-of-fold predictions of the train and val images (never the test split; "
                                 f"score its models on test with: dermcam evaluate ensemble:{cv_name(checkpoint)})")
-        show_result(cv_estimate(str(cv_name(checkpoint)), resamples=resamples, seed=seed), json_output,
-                    views.crossval_estimate)
+        if against is None:
+            show_result(cv_estimate(str(cv_name(checkpoint)), resamples=resamples, seed=seed), json_output,
+                        views.crossval_estimate)
+            return
+        from dermcam.evaluate.crossval import compare_cv
+
+        if cv_name(against) is None:
+            raise BadInputError(f"--against {against}: give a cross-validation as cv:NAME")
+        show_result(compare_cv(str(cv_name(checkpoint)), str(cv_name(against)), resamples=resamples, seed=seed),
+                    json_output, views.crossval_comparison)
         return
+    if against is not None:
+        raise BadInputError(f"--against compares two cross-validations: give one as the checkpoint too "
+                            f"(dermcam evaluate cv:NAME --against {against})")
     split = split or "test"
     if out is not None:
         check_output_dir(out, "--out")  # before the model loads: nothing is written when it is unusable

@@ -804,6 +804,34 @@ def crossval_estimate(estimate: Any) -> None:
                       f"ensemble:{estimate.ensemble} scores it on the test split)", highlight=False)
 
 
+def crossval_comparison(comparison: Any) -> None:
+    """``dermcam evaluate cv:NAME --against cv:OTHER``: both values of each metric (A the reference, B
+    the one compared), B - A with its paired interval, and what that interval supports; under 80 columns."""
+    from dermcam.evaluate.metrics import format_value
+
+    paired = comparison.resamples > 0
+    a, b = f"cv:{comparison.against}", f"cv:{comparison.name}"
+    table = Table(title=f"{comparison.title}\nA = {a}, B = {b}", title_justify="left", caption_justify="left",
+                  box=None, header_style="bold underline", padding=(0, 1), pad_edge=False,
+                  caption="B - A: 95% interval over the same resampled lesion groups for both" if paired else None)
+    table.add_column("metric", no_wrap=True)
+    table.add_column("A", justify="right", no_wrap=True)
+    table.add_column("B", justify="right", no_wrap=True)
+    table.add_column("B - A", justify="right", no_wrap=True)
+    if paired:
+        table.add_column("supports", no_wrap=True)
+    short = {f"{a} higher": "A higher", f"{b} higher": "B higher"}
+    for row in comparison.rows:
+        difference = row["difference"]
+        shown = "-" if difference is None else f"{difference:+.3f}"
+        if row["ci"] is not None:
+            shown += f" [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]"
+        cells = [row["metric"].replace("_", " "), format_value(row["against"]), format_value(row["cv"]), shown]
+        verdict = row["verdict"]
+        table.add_row(*cells, *([short.get(verdict, verdict or "-")] if paired else []))
+    console.print(table)
+
+
 def crossval_trained(result: Any) -> None:
     """``dermcam train --folds K``: the fold runs of this call, then the out-of-fold estimate."""
     for run in result.runs:
