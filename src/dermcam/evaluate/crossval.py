@@ -164,12 +164,11 @@ def compare_cv(name: str, against: str, *, resamples: int = DEFAULT_RESAMPLES, s
                             f"{', '.join(cv_a.record['classes'])}: the classes differ")
     oof_a, oof_b = read_oof(cv_a), read_oof(cv_b)
     at_a = {image: i for i, image in enumerate(oof_a.image_id)}
-    common = [image for image in oof_b.image_id if image in at_a]
-    if not common:
+    ib = np.array([i for i, image in enumerate(oof_b.image_id) if image in at_a], dtype=np.int64)
+    if not len(ib):
         raise BadInputError(f"cv:{name} and cv:{against} predicted no image in common yet")
+    common = [oof_b.image_id[i] for i in ib]
     ia = np.array([at_a[image] for image in common], dtype=np.int64)
-    at_b = {image: i for i, image in enumerate(oof_b.image_id)}
-    ib = np.array([at_b[image] for image in common], dtype=np.int64)
     label, group = oof_b.label[ib], oof_b.group[ib]
     for what, x, y in (("label", oof_a.label[ia], label), ("group", oof_a.group[ia], group)):
         differs = np.flatnonzero(np.asarray(x).astype(str) != np.asarray(y).astype(str))
