@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 
@@ -95,3 +97,21 @@ def test_the_cross_validation_recipe_runs_end_to_end_in_smoke_mode(tmp_path: Pat
     epochs = record["epoch_minutes"]  # every run's recorded epochs, read from the store
     assert len(epochs) == 3 and "student" in epochs and all(minutes >= 0 for minutes in epochs.values()), epochs
     assert "cpu_flags" in record["machine_at_start"]
+
+
+def test_the_distillation_settings_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/distill_defaults.py on a tiny synthetic HAM10000 layout: a two-member teacher trained on
+    the train split, one student per setting, every model scored on val with the paired difference to the
+    first setting; run twice, the second reuses every run (the script checks); it writes no results."""
+    record = run_smoke("distill_defaults.py", "distill_defaults.json", tmp_path)
+    rows = record["rows"]
+    assert [r["setting"] for r in rows] == ["teacher", "T=2 alpha=0.7", "T=2 alpha=0"]
+    assert record["test_split_read"] is False and len(record["teacher"]["members"]) == 2
+    assert [(r["temperature"], r["alpha"]) for r in rows[1:]] == [(2.0, 0.7), (2.0, 0.0)]
+    assert len({rows[1]["run"], rows[2]["run"], *(m["run"] for m in record["teacher"]["members"])}) == 4
+    for row in rows:
+        assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["balanced_accuracy_ci"] is not None, row
+    assert rows[1]["epochs"] == rows[2]["epochs"] == 1 and "d_balanced_accuracy" not in rows[1]
+    assert rows[2]["d_balanced_accuracy"] == pytest.approx(rows[2]["balanced_accuracy"] - rows[1]["balanced_accuracy"],
+                                                           abs=1e-6)
+    assert record["images"] > 0 and record["options"]["epochs"] == 1
