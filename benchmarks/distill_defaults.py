@@ -13,8 +13,9 @@ What it runs (the test split is not read by this script, and nothing it records 
    ``ensemble:distill-teacher`` with equal weights. Not the recipe's cross-validation: its folds trained
    on the val images, and a student imitating a teacher that has seen them would look better on val
    the more it imitates, which is the very setting measured here;
-3. one student per ``--setting`` (default: the defaults 2:0.7 first, then 2:0 = the true labels only,
-   i.e. no distillation, 1:0.7, 4:0.7, 2:0.3, 2:1), each ``dermcam distill distill-teacher --temperature T
+3. one student per ``--setting`` (default: 2:0.7, the literature's values and ``distill``'s defaults until
+   this measurement, first; then 2:0 = the true labels only, i.e. no distillation, 1:0.7, 4:0.7, 2:0.3,
+   2:1), each ``dermcam distill distill-teacher --temperature T
    --alpha ALPHA`` with the teacher's options (same backbone, size, epochs, seed 0, metadata);
 4. every student's best checkpoint and the teacher predict the val split (calibrated, as ``evaluate``
    does); each row has balanced accuracy, melanoma recall, macro F1 and macro AUC with 95%
@@ -88,8 +89,9 @@ def main() -> None:
             args.home, args.source, args.members, args.resamples = rargs.home, rargs.source, 2, 50
             first = run(args, settings[:2], rargs)
             again = run(args, settings[:2], rargs)  # every run reused, the same numbers
-            if [r["trained"] for r in again["rows"]] != ["reused"] * len(again["rows"]) or any(
-                    one["balanced_accuracy"] != two["balanced_accuracy"] for one, two in zip(first["rows"], again["rows"])):
+            same = all(one["balanced_accuracy"] == two["balanced_accuracy"]
+                       for one, two in zip(first["rows"], again["rows"]))
+            if [r["trained"] for r in again["rows"]] != ["reused"] * len(again["rows"]) or not same:
                 raise DistillBenchError("a second run trained again or measured differently")
         print(json.dumps(first, default=str))
         return

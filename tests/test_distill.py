@@ -114,7 +114,7 @@ def test_the_student_is_an_ordinary_checkpoint_that_records_its_teacher(runner, 
     assert result["config"]["teacher"] == "duo" and result["config"]["dataset"] == "synth"
     assert result["config"]["backbone"] == "test_efficientnet"  # the member listed first's, at its input size
     assert result["epochs_done"] == 3 and result["test_metrics"]["n"] > 0
-    block = {"teacher": "ensemble:duo", "sha256": manifest_sha(store.home), "temperature": 2.0, "alpha": 0.7}
+    block = {"teacher": "ensemble:duo", "sha256": manifest_sha(store.home), "temperature": 2.0, "alpha": 0.3}
     for epoch in range(3):
         sidecar = json.loads((run_dir / f"epoch-{epoch:04d}.json").read_text())
         assert sidecar["distillation"] == block
