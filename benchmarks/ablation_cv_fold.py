@@ -270,18 +270,27 @@ def same_run_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return what(stored) == what(wanted)
 
 
+def finished_run(wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run of the store trained with exactly ``wanted`` (a full TrainConfig as a dict), or None."""
+    from dermcam.store.runs import list_runs, read_run
+
+    for run_dir in list_runs():
+        info = read_run(run_dir)
+        if info["status"] == "finished" and info.get("best") and same_run_config(info["config"], wanted):
+            return info
+    return None
+
+
 def fold0_run(config: dict[str, Any], changes: dict[str, Any], device: str, progress: Any) -> dict[str, Any]:
     """Fold 0 of the recipe's split with ``changes``: a finished run of exactly that configuration in the
     store, else a new one trained now (TrainConfig(folds=K, fold=0, ...), as the recipe's folds are)."""
-    from dermcam.store.runs import list_runs, read_run
     from dermcam.train.config import TrainConfig
     from dermcam.train.trainer import train
 
     wanted = dataclasses.asdict(TrainConfig.from_dict({**config, **changes, "fold": 0}))
-    for run_dir in list_runs():
-        info = read_run(run_dir)
-        if info["status"] == "finished" and info.get("best") and same_run_config(info["config"], wanted):
-            return {"run": info["run_id"], "best": info["best"], "trained": "reused", "wall_min": None}
+    info = finished_run(wanted)
+    if info is not None:
+        return {"run": info["run_id"], "best": info["best"], "trained": "reused", "wall_min": None}
     start = time.monotonic()
     trackers = {"log": [], "log_model": False} if "log" in wanted else {}  # an ablation run is not mirrored
     result = train(TrainConfig.from_dict({**wanted, "device": device, **trackers}), progress=progress)

@@ -45,6 +45,7 @@ import numpy as np
 
 import accuracy_cv_ham10000_lite as recipe
 from _common import LITE, epoch_minutes, machine, report
+from ablation_cv_fold import finished_run
 
 METRICS = ("balanced_accuracy", "recall_mel", "macro_f1", "auc_macro")
 DEFAULT_SETTINGS = ("2:0.7", "2:0", "1:0.7", "4:0.7", "2:0.3", "2:1")
@@ -104,18 +105,6 @@ def teacher_options(rargs: argparse.Namespace) -> dict[str, Any]:
     options = recipe.train_options(rargs)
     del options["folds"]
     return options
-
-
-def finished_run(wanted: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished run of the store trained with exactly ``wanted`` (a full TrainConfig as a dict)."""
-    from ablation_cv_fold import same_run_config
-    from dermcam.store.runs import list_runs, read_run
-
-    for run_dir in list_runs():
-        info = read_run(run_dir)
-        if info["status"] == "finished" and info.get("best") and same_run_config(info["config"], wanted):
-            return info
-    return None
 
 
 def member(options: dict[str, Any], progress: Any) -> dict[str, Any]:
